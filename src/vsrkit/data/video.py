@@ -1,0 +1,957 @@
+"""Streaming frame I/O for videos and image folders.
+
+Reading
+-------
+:func:`open_frames` opens a video file (anything FFmpeg reads, through PyAV) or a folder of
+images and returns a :class:`FrameSource`: an iterable of ``uint8`` RGB arrays of shape ``(H, W, 3)``,
+decoded one at a time, so memory does not grow with the length of the video.
+
+Timestamps. When a video is opened, its video packets are demuxed once without decoding (fast, no frame data
+kept) to count them and to collect their presentation timestamps. Sorted, these are the timestamps of the
+decoded frames in display order; they are kept as one ``int64`` per frame in :attr:`FrameSource.timestamps`,
+in units of :attr:`FrameSource.time_base`. Using the packets rather than the decoded frames' own ``pts``
+matters for files whose muxer wrote decode-order timestamps (``box.mp4`` in the shared data is one: its
+B-frames come out of the decoder with shuffled ``pts``). Packets flagged "discard" (cut by an edit list) are
+left out, as the decoder drops them too.
+
+Damaged input (the policy). With ``allow_corrupt=False`` (the default) every sign of damage is a
+:class:`~vsrkit.errors.VsrkitError` that names the file, so that no output is ever made from silently broken
+frames:
+
+* found at open time, before any decoding: an index (mp4/mov/avi/mkv) that points past the end of the file, or
+  fewer packets than the index lists (a truncated download);
+* found while decoding: a packet that the decoder rejects, or a frame that the decoder marks as corrupt
+  (damage it concealed by guessing pixels).
+
+With ``allow_corrupt=True`` the readable part is used: undecodable packets are skipped, concealed frames are
+kept, and one :class:`VideoIOWarning` per problem says how many frames are missing or damaged. A file whose
+video stream is much shorter than its header claims (an AVI cut without its index) cannot be told apart from
+a legitimately odd file, so that only gives a warning in both modes. A file that yields no frame at all is
+always an error.
+
+Writing
+-------
+:func:`open_writer` returns a :class:`VideoWriter` (a context manager). Output paths ending
+in one of :data:`VIDEO_EXTENSIONS` are encoded as video; any other path is a folder of PNG files
+``00000000.png``, ``00000001.png``, ... Everything is written to a hidden temporary file or folder in the
+output's own directory (``.NAME.partial-XXXX.EXT``), which replaces the output with :func:`os.replace` only
+when the ``with`` block ends without an exception; on an exception it is deleted and nothing is left behind.
+An existing output is refused unless ``overwrite=True``; an existing folder is only replaced if it holds
+nothing but ``NNNNNNNN.png`` files.
+
+Timing: with a video ``source`` and ``fps=None``, frame *i* gets the source's timestamp *i* in the source's
+time base (variable frame rate is preserved, and audio stays in sync); otherwise frames get a constant rate:
+``fps``, or the source's rate, or :data:`DEFAULT_FPS` for image folders.
+
+Other streams of a video source: audio and subtitle streams are copied packet by packet (no re-encoding)
+when the output container accepts their codec, interleaved with the video as it is written. Audio that the
+container does not accept is re-encoded (AAC; Opus for WebM) with a warning. Subtitles that the container
+does not accept (e.g. SubRip into mp4, mov_text into mkv) are skipped with a warning; data and attachment
+streams are not copied. When fewer frames are written than the source has, the copied streams are cut at the
+end of the last written frame.
+
+Frame size: encoders for chroma-subsampled pixel formats (``yuv420p``, the default) need even sizes; odd
+widths or heights are padded by repeating the last column/row, with a warning.
+
+Not handled: rotation metadata (frames are returned as stored, and the output carries no rotation), sample
+aspect ratio, and more than 8 bits per channel (frames are converted to 8-bit RGB).
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+from types import TracebackType
+
+import av
+import av.error
+import numpy as np
+
+from vsrkit.errors import VsrkitError
+
+__all__ = [
+    "DEFAULT_FPS",
+    "IMAGE_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
+    "FrameSource",
+    "VideoIOWarning",
+    "VideoWriter",
+    "open_frames",
+    "open_writer",
+    "read_all_frames",
+]
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+DEFAULT_FPS = Fraction(25)
+"""Frame rate of a video written from an image folder without ``fps`` (FFmpeg's default for images)."""
+
+_PNG_NAME = re.compile(r"\d{8}\.png")
+_CRF_CODECS = {"libx264", "libx265", "libvpx-vp9", "libvpx", "libaom-av1", "libsvtav1"}
+
+
+class VideoIOWarning(UserWarning):
+    """A problem that does not stop reading or writing (damaged frames skipped, a stream left out...)."""
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, VideoIOWarning, stacklevel=3)
+
+
+def _av_reason(exc: BaseException) -> str:
+    """A short one-line reason from a PyAV/OS exception."""
+    strerror = getattr(exc, "strerror", None)
+    text = strerror if strerror else str(exc)
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def _natural_key(name: str) -> list[object]:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def _to_fraction(value: object, what: str) -> Fraction:
+    try:
+        fraction = Fraction(str(value)) if isinstance(value, float) else Fraction(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        raise VsrkitError(f"invalid {what}: {value!r}") from exc
+    if isinstance(value, float):
+        fraction = fraction.limit_denominator(1_000_000)
+    if fraction <= 0:
+        raise VsrkitError(f"invalid {what}: {value!r} (must be positive)")
+    return fraction
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+class FrameSource:
+    """Frames of a video file or an image folder, decoded one at a time.
+
+    Iterate it (possibly several times: each pass starts from the first frame) to get ``uint8`` arrays of
+    shape ``(height, width, 3)`` in RGB order. Use it as a context manager, or call :meth:`close`, to stop
+    unfinished passes.
+
+    Attributes:
+        path: the input path.
+        is_video: True for a video file, False for an image folder.
+        width, height: frame size in pixels.
+        fps: frame rate as a :class:`~fractions.Fraction` (the stream's guessed rate); None for image folders.
+        num_frames: number of frames: the number of video packets for videos (exact for intact files unless
+            the codec drops some), the number of images for folders.
+        time_base: unit of :attr:`timestamps` (Fraction of a second); None for folders.
+        timestamps: presentation timestamp of each frame in display order (``int64`` array in ``time_base``
+            units), or None for folders and for videos whose packets carry no timestamps.
+        image_paths: the images of a folder, in natural name order; None for videos.
+        allow_corrupt: the damage policy this source was opened with (see the module documentation).
+    """
+
+    path: Path
+    is_video: bool
+    width: int
+    height: int
+    fps: Fraction | None
+    num_frames: int | None
+    time_base: Fraction | None
+    timestamps: np.ndarray | None
+    image_paths: list[Path] | None
+    allow_corrupt: bool
+
+    def __init__(self, path: str | os.PathLike[str], *, allow_corrupt: bool = False) -> None:
+        self.path = Path(path)
+        self.allow_corrupt = allow_corrupt
+        self.fps = None
+        self.num_frames = None
+        self.time_base = None
+        self.timestamps = None
+        self.image_paths = None
+        self._stream_index = 0
+        self._passes: list[Iterator[tuple[np.ndarray, int | None]]] = []
+        if not self.path.exists():
+            raise VsrkitError(f"input not found: {self.path}")
+        if self.path.is_dir():
+            self.is_video = False
+            self._probe_folder()
+        else:
+            self.is_video = True
+            self._probe_video()
+
+    # -- probing
+
+    def _probe_folder(self) -> None:
+        from PIL import Image
+
+        try:
+            names = [
+                entry.name
+                for entry in os.scandir(self.path)
+                if entry.is_file()
+                and not entry.name.startswith(".")
+                and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+            ]
+        except OSError as exc:
+            raise VsrkitError(f"cannot list folder {self.path}: {_av_reason(exc)}") from exc
+        if not names:
+            exts = "/".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+            raise VsrkitError(f"no images ({exts}) in folder {self.path}")
+        self.image_paths = [self.path / name for name in sorted(names, key=_natural_key)]
+        size = None
+        for image_path in self.image_paths:
+            try:
+                with Image.open(image_path) as image:
+                    this = image.size
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                raise VsrkitError(f"cannot read image {image_path}: {_av_reason(exc)}") from exc
+            if size is None:
+                size = this
+            elif this != size:
+                raise VsrkitError(
+                    f"images differ in size in folder {self.path}: {self.image_paths[0].name} is "
+                    f"{size[0]}x{size[1]}, {image_path.name} is {this[0]}x{this[1]}"
+                )
+        assert size is not None
+        self.width, self.height = size
+        self.num_frames = len(self.image_paths)
+
+    def _open_container(self) -> av.container.InputContainer:
+        try:
+            return av.open(str(self.path), mode="r")
+        except av.error.FFmpegError as exc:
+            raise VsrkitError(f"cannot read {self.path} as a video: {_av_reason(exc)}") from exc
+        except OSError as exc:
+            raise VsrkitError(f"cannot open {self.path}: {_av_reason(exc)}") from exc
+
+    def _probe_video(self) -> None:
+        container = self._open_container()
+        try:
+            if not container.streams.video:
+                if not container.streams:
+                    raise VsrkitError(f"no streams in {self.path} (not a video, or truncated)")
+                raise VsrkitError(f"no video stream in {self.path}")
+            stream = container.streams.video[0]
+            self._stream_index = stream.index
+            codec = stream.codec_context
+            self.width, self.height = int(codec.width), int(codec.height)
+            if self.width <= 0 or self.height <= 0:
+                raise VsrkitError(f"video stream of {self.path} has no frame size (unsupported or damaged)")
+            rate = stream.guessed_rate or stream.average_rate or stream.base_rate
+            self.fps = Fraction(rate) if rate else None
+            self.time_base = Fraction(stream.time_base) if stream.time_base else None
+            self._scan_packets(container, stream)
+        finally:
+            container.close()
+
+    def _scan_packets(self, container: av.container.InputContainer, stream: av.VideoStream) -> None:
+        """Demux (no decoding) the video packets: count them, collect timestamps, look for truncation."""
+        file_size = self.path.stat().st_size
+        index = stream.index_entries
+        past_end = sum(1 for entry in index if entry.pos + entry.size > file_size) if len(index) else 0
+        pts_list = array.array("q")  # 8 bytes a frame
+        have_all_pts = True
+        packets = 0
+        last_pts = None
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0:
+                    continue
+                packets += 1
+                if packet.is_discard:
+                    continue
+                if packet.pts is None:
+                    have_all_pts = False
+                else:
+                    pts_list.append(packet.pts)
+                    last_pts = packet.pts if last_pts is None else max(last_pts, packet.pts)
+        except av.error.FFmpegError as exc:
+            if not self.allow_corrupt:
+                raise VsrkitError(
+                    f"{self.path} is truncated or corrupt: reading failed after {packets} video packets "
+                    f"({_av_reason(exc)})"
+                ) from exc
+            _warn(f"{self.path}: reading stopped after {packets} video packets ({_av_reason(exc)})")
+        if packets == 0:
+            raise VsrkitError(f"no video frames in {self.path}")
+        if len(index) and (past_end or packets < len(index)):
+            readable = min(packets, len(index) - past_end)
+            message = (
+                f"{self.path} is truncated or corrupt: its index lists {len(index)} video frames, "
+                f"only about {readable} are in the file"
+            )
+            if not self.allow_corrupt:
+                raise VsrkitError(message)
+            _warn(message + "; using the readable part")
+        elif last_pts is not None and self.time_base is not None:
+            # No usable index: compare with what the headers claim (a hint only, hence a warning).
+            claimed = float(stream.duration * self.time_base) if stream.duration else 0.0
+            if stream.frames and stream.average_rate:
+                claimed = max(claimed, float(stream.frames / stream.average_rate))
+            found = float((last_pts - (stream.start_time or 0)) * self.time_base)
+            if found < 0.9 * claimed and claimed - found > 1.0:
+                _warn(
+                    f"{self.path} may be truncated: its headers say the video lasts {claimed:.1f} s, "
+                    f"its frames end at {found:.1f} s"
+                )
+        self.num_frames = len(pts_list) if have_all_pts else packets
+        if have_all_pts and pts_list:
+            self.timestamps = np.sort(np.frombuffer(pts_list, dtype=np.int64))
+            if len(np.unique(self.timestamps)) != len(self.timestamps):
+                self.timestamps = None  # duplicated timestamps: the writer falls back to a constant rate
+
+    # -- iteration
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for frame, _ in self.frames_with_pts():
+            yield frame
+
+    def frames_with_pts(self) -> Iterator[tuple[np.ndarray, int | None]]:
+        """Yield ``(frame, pts)`` pairs; ``pts`` is :meth:`pts_of` of the frame's index (None for folders)."""
+        generator = self._iter_video() if self.is_video else self._iter_folder()
+        self._passes = [g for g in self._passes if g.gi_frame is not None]  # type: ignore[attr-defined]
+        self._passes.append(generator)
+        return generator
+
+    def pts_of(self, index: int) -> int | None:
+        """Timestamp of frame ``index`` in :attr:`time_base` units; extrapolated past the known frames.
+
+        None for image folders and for videos without usable timestamps.
+        """
+        ts = self.timestamps
+        if ts is None or len(ts) == 0:
+            return None
+        if index < len(ts):
+            return int(ts[index])
+        if len(ts) >= 2:
+            step = int(ts[-1] - ts[-2])
+        elif self.fps and self.time_base:
+            step = max(1, round(1 / (self.fps * self.time_base)))
+        else:
+            step = 1
+        return int(ts[-1]) + (index - len(ts) + 1) * max(step, 1)
+
+    def _iter_folder(self) -> Iterator[tuple[np.ndarray, int | None]]:
+        from PIL import Image
+
+        assert self.image_paths is not None
+        for image_path in self.image_paths:
+            try:
+                with Image.open(image_path) as image:
+                    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                raise VsrkitError(f"cannot read image {image_path}: {_av_reason(exc)}") from exc
+            if array.shape != (self.height, self.width, 3):
+                raise VsrkitError(f"image {image_path} changed size while reading")
+            yield array, None
+
+    def _iter_video(self) -> Iterator[tuple[np.ndarray, int | None]]:
+        container = self._open_container()
+        produced = 0
+        skipped_packets = 0
+        concealed = 0
+        size_warned = False
+        try:
+            stream = container.streams[self._stream_index]
+            stream.thread_type = "AUTO"
+            packets = container.demux(stream)
+            while True:
+                try:
+                    packet = next(packets)
+                except StopIteration:
+                    break
+                except av.error.FFmpegError as exc:
+                    if not self.allow_corrupt:
+                        raise VsrkitError(
+                            f"{self.path} is truncated or corrupt: reading failed after frame {produced} "
+                            f"({_av_reason(exc)})"
+                        ) from exc
+                    _warn(f"{self.path}: reading stopped after frame {produced} ({_av_reason(exc)})")
+                    break
+                try:
+                    frames = packet.decode()
+                except av.error.EOFError:
+                    break
+                except av.error.FFmpegError as exc:
+                    if not self.allow_corrupt:
+                        raise VsrkitError(
+                            f"{self.path} is corrupt: the decoder rejected the data after frame {produced} "
+                            f"({_av_reason(exc)})"
+                        ) from exc
+                    skipped_packets += 1
+                    continue
+                for frame in frames:
+                    if frame.is_corrupt:
+                        if not self.allow_corrupt:
+                            raise VsrkitError(f"{self.path} is corrupt: frame {produced} is damaged")
+                        concealed += 1
+                    if (frame.width, frame.height) != (self.width, self.height) and not size_warned:
+                        size_warned = True
+                        _warn(
+                            f"{self.path}: frame size changes to {frame.width}x{frame.height} at frame "
+                            f"{produced}; scaling to {self.width}x{self.height}"
+                        )
+                    array = frame.to_ndarray(format="rgb24", width=self.width, height=self.height)
+                    yield array, self.pts_of(produced)
+                    produced += 1
+        finally:
+            container.close()
+        expected = self.num_frames
+        if produced and expected and produced < expected and not skipped_packets:
+            _warn(f"{self.path}: decoded {produced} frames, the file has {expected} video packets")
+        if skipped_packets:
+            _warn(f"{self.path}: skipped {skipped_packets} undecodable video packets (damaged file)")
+        if concealed:
+            _warn(f"{self.path}: {concealed} frames are damaged; the decoder concealed the errors")
+        if produced == 0:
+            raise VsrkitError(f"no decodable video frames in {self.path}")
+
+    # -- lifetime
+
+    def close(self) -> None:
+        """Stop any unfinished pass over the frames (closes its decoder)."""
+        passes, self._passes = self._passes, []
+        for generator in passes:
+            generator.close()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> FrameSource:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        kind = "video" if self.is_video else "folder"
+        return (
+            f"FrameSource({str(self.path)!r}, {kind}, {self.width}x{self.height}, fps={self.fps}, "
+            f"num_frames={self.num_frames})"
+        )
+
+
+def open_frames(path: str | os.PathLike[str], *, allow_corrupt: bool = False) -> FrameSource:
+    """Open a video file or an image folder for streaming reading (see :class:`FrameSource`).
+
+    Raises :class:`~vsrkit.errors.VsrkitError` for a missing path, a file FFmpeg cannot read, a file without
+    video stream or without frames, an empty folder, images of different sizes, and (unless
+    ``allow_corrupt``) a truncated or corrupt file. Errors found while decoding are raised from the iteration.
+    """
+    return FrameSource(path, allow_corrupt=allow_corrupt)
+
+
+def read_all_frames(path: str | os.PathLike[str], max_frames: int | None = None) -> np.ndarray:
+    """Read the first ``max_frames`` frames (all when None) into one ``(T, H, W, 3)`` uint8 array.
+
+    For short clips in tests and evaluation: unlike :func:`open_frames`, this holds every frame in memory.
+    """
+    frames: list[np.ndarray] = []
+    if max_frames is not None and max_frames <= 0:
+        raise ValueError("max_frames must be positive")
+    with open_frames(path) as source:
+        iterator = iter(source)
+        try:
+            for frame in iterator:
+                frames.append(frame)
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+        finally:
+            iterator.close()  # type: ignore[attr-defined]
+        return np.stack(frames)
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class VideoWriter:
+    """Write frames to a video file or a PNG folder, atomically (see the module documentation).
+
+    Create it with :func:`open_writer`. :meth:`write` takes ``uint8`` RGB arrays of shape ``(H, W, 3)``, all
+    of the same size. Leaving the ``with`` block normally (or :meth:`close`) publishes the output; an
+    exception (or :meth:`abort`) deletes everything written.
+
+    Attributes: ``path`` (the final output), ``is_video``, ``frames_written``, ``fps`` (Fraction, for videos).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        source: FrameSource | None = None,
+        fps: float | Fraction | None = None,
+        codec: str | None = None,
+        crf: int | None = 18,
+        pix_fmt: str = "yuv420p",
+        overwrite: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.source = source
+        self.crf = crf
+        self.pix_fmt = pix_fmt
+        self.overwrite = overwrite
+        self.frames_written = 0
+        self._finished = False
+        self._tmp: Path | None = None
+        self._container: av.container.OutputContainer | None = None
+        self._video: av.VideoStream | None = None
+        self._aux: _AuxCopier | None = None
+        self._size: tuple[int, int] | None = None  # (height, width) of the frames given to write()
+        self._pad = (0, 0)
+
+        suffix = self.path.suffix.lower()
+        if suffix in IMAGE_EXTENSIONS:
+            raise VsrkitError(
+                f"output {self.path} looks like a single image; give a video file "
+                f"({', '.join(VIDEO_EXTENSIONS)}) or a folder name for PNG frames"
+            )
+        self.is_video = suffix in VIDEO_EXTENSIONS
+
+        # Timing: the source's timestamps when no other rate is asked for, else a constant rate.
+        self._use_source_pts = (
+            fps is None and source is not None and source.is_video and source.timestamps is not None
+        )
+        if self._use_source_pts and suffix == ".avi":
+            # AVI has one frame duration for the whole stream: it cannot keep a source's timestamps.
+            assert source is not None and source.timestamps is not None
+            self._use_source_pts = False
+            steps = np.diff(source.timestamps)
+            if len(steps) and (steps != steps[0]).any():
+                _warn(f"{self.path}: AVI cannot store variable frame timing; writing a constant frame rate")
+        if fps is not None:
+            self.fps = _to_fraction(fps, "frame rate")
+        elif source is not None and source.fps:
+            self.fps = Fraction(source.fps)
+        else:
+            self.fps = DEFAULT_FPS
+
+        if self.is_video:
+            self.codec = self._choose_codec(codec)
+        else:
+            self.codec = None
+
+        self._check_destination()
+        self._make_temp()
+
+    # -- checks before any work
+
+    def _choose_codec(self, codec: str | None) -> str:
+        try:
+            probe = av.open(os.devnull, mode="w", format=_format_for(self.path))
+        except (av.error.FFmpegError, ValueError) as exc:
+            raise VsrkitError(
+                f"cannot write {self.path}: no FFmpeg muxer for it ({_av_reason(exc)})"
+            ) from exc
+        try:
+            supported = probe.supported_codecs
+        finally:
+            probe.close()
+        if codec is None:
+            codec = "libx264" if "h264" in supported else "libvpx-vp9"
+        if codec not in av.codecs_available:
+            raise VsrkitError(
+                f"video encoder {codec!r} is not available in this FFmpeg build (output {self.path})"
+            )
+        try:
+            canonical = av.Codec(codec, "w").canonical_name
+        except (av.error.FFmpegError, ValueError) as exc:
+            raise VsrkitError(f"video encoder {codec!r} is not available (output {self.path})") from exc
+        if canonical not in supported and codec not in supported:
+            raise VsrkitError(f"the {self.path.suffix} container cannot hold {codec} video: {self.path}")
+        return codec
+
+    def _check_destination(self) -> None:
+        path = self.path
+        parent = path.parent
+        if self.source is not None and path.exists():
+            try:
+                if path.samefile(self.source.path):
+                    raise VsrkitError(f"output {path} is the input; choose another output path")
+            except OSError:
+                pass
+        if path.exists() or path.is_symlink():
+            if not self.overwrite:
+                raise VsrkitError(f"output {path} exists; pass --overwrite to replace it")
+            if path.is_dir() and not path.is_symlink():
+                if self.is_video:
+                    raise VsrkitError(f"output {path} is an existing folder; cannot replace it with a video")
+                others = [
+                    e.name for e in os.scandir(path) if not (e.is_file() and _PNG_NAME.fullmatch(e.name))
+                ]
+                if others:
+                    raise VsrkitError(
+                        f"output folder {path} holds files other than frames (e.g. {others[0]}); "
+                        "refusing to replace it"
+                    )
+        if not parent.exists():
+            raise VsrkitError(f"output folder {parent} does not exist (for {path})")
+        if not parent.is_dir():
+            raise VsrkitError(f"cannot write {path}: {parent} is not a folder")
+
+    def _make_temp(self) -> None:
+        prefix = f".{self.path.stem if self.is_video else self.path.name}.partial-"
+        try:
+            if self.is_video:
+                fd, name = tempfile.mkstemp(prefix=prefix, suffix=self.path.suffix, dir=self.path.parent)
+                os.close(fd)
+            else:
+                name = tempfile.mkdtemp(prefix=prefix, dir=self.path.parent)
+        except OSError as exc:
+            raise VsrkitError(
+                f"cannot write to {self.path.parent} (for {self.path}): {_av_reason(exc)}"
+            ) from exc
+        self._tmp = Path(name)
+
+    # -- writing
+
+    def write(self, frame: np.ndarray) -> None:
+        """Append one ``uint8`` RGB frame of shape ``(H, W, 3)``."""
+        if self._finished:
+            raise RuntimeError("write() on a closed VideoWriter")
+        if (
+            not isinstance(frame, np.ndarray)
+            or frame.dtype != np.uint8
+            or frame.ndim != 3
+            or frame.shape[2] != 3
+        ):
+            raise ValueError(
+                f"frames must be uint8 arrays of shape (H, W, 3); got "
+                f"{getattr(frame, 'dtype', type(frame))} {getattr(frame, 'shape', '')}"
+            )
+        if self._size is None:
+            self._size = (frame.shape[0], frame.shape[1])
+        elif frame.shape[:2] != self._size:
+            raise ValueError(f"frame {self.frames_written} is {frame.shape[:2]}, earlier frames {self._size}")
+        try:
+            if self.is_video:
+                self._write_video(frame)
+            else:
+                self._write_png(frame)
+        except av.error.FFmpegError as exc:
+            raise VsrkitError(f"writing {self.path} failed: {_av_reason(exc)}") from exc
+        except OSError as exc:
+            raise VsrkitError(f"writing {self.path} failed: {_av_reason(exc)}") from exc
+        self.frames_written += 1
+
+    def _write_png(self, frame: np.ndarray) -> None:
+        from PIL import Image
+
+        assert self._tmp is not None
+        Image.fromarray(frame, mode="RGB").save(
+            self._tmp / f"{self.frames_written:08d}.png", compress_level=4
+        )
+
+    def _start_video(self, height: int, width: int) -> None:
+        assert self._tmp is not None and self.codec is not None
+        options = {}
+        if self.path.suffix.lower() in (".mp4", ".mov", ".m4v"):
+            options["movflags"] = "+faststart"
+        self._container = av.open(str(self._tmp), mode="w", format=_format_for(self.path), options=options)
+        subsampled = any(tag in self.pix_fmt for tag in ("420", "422", "411", "410")) or self.pix_fmt in (
+            "nv12",
+            "nv21",
+            "nv16",
+        )
+        if subsampled and (height % 2 or width % 2):
+            self._pad = (height % 2, width % 2)
+            _warn(
+                f"{self.path}: frame size {width}x{height} is odd; padding to "
+                f"{width + self._pad[1]}x{height + self._pad[0]} for {self.pix_fmt} (repeating the edge)"
+            )
+        stream = self._container.add_stream(self.codec, rate=self.fps)
+        stream.width = width + self._pad[1]
+        stream.height = height + self._pad[0]
+        stream.pix_fmt = self.pix_fmt
+        options = {}
+        if self.crf is not None and self.codec in _CRF_CODECS:
+            options["crf"] = str(self.crf)
+            if self.codec in ("libvpx-vp9", "libvpx"):
+                options["b"] = "0"
+        stream.options = options
+        if self.path.suffix.lower() == ".avi":
+            # AVI stores no presentation timestamps: with B-frames, readers get frames in a shuffled timing.
+            stream.codec_context.max_b_frames = 0
+        if self._use_source_pts:
+            assert self.source is not None and self.source.time_base is not None
+            stream.codec_context.time_base = self.source.time_base
+            stream.time_base = self.source.time_base
+        else:
+            stream.codec_context.time_base = 1 / self.fps
+            stream.time_base = 1 / self.fps
+        self._video = stream
+        if self.source is not None and self.source.is_video:
+            self._aux = _AuxCopier(self.source.path, self._container, self.path)
+
+    def _write_video(self, frame: np.ndarray) -> None:
+        if self._container is None:
+            self._start_video(frame.shape[0], frame.shape[1])
+        assert self._container is not None and self._video is not None
+        if self._pad != (0, 0):
+            frame = np.pad(frame, ((0, self._pad[0]), (0, self._pad[1]), (0, 0)), mode="edge")
+        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        if self._use_source_pts:
+            assert self.source is not None
+            video_frame.pts = self.source.pts_of(self.frames_written)
+            video_frame.time_base = self.source.time_base
+            seconds = video_frame.pts * self.source.time_base
+        else:
+            video_frame.pts = self.frames_written
+            video_frame.time_base = 1 / self.fps
+            seconds = self.frames_written / self.fps
+        for packet in self._video.encode(video_frame):
+            self._container.mux(packet)
+        if self._aux is not None:
+            self._aux.copy_until(seconds)
+
+    # -- finishing
+
+    def close(self) -> None:
+        """Finish writing and publish the output (replaces ``path``). Idempotent."""
+        if self._finished:
+            return
+        try:
+            if self.frames_written == 0:
+                raise VsrkitError(f"no frames were written to {self.path}")
+            if self.is_video:
+                self._finish_video()
+            self._publish()
+        except BaseException:
+            self.abort()
+            raise
+        self._finished = True
+
+    def _finish_video(self) -> None:
+        assert self._container is not None and self._video is not None
+        try:
+            for packet in self._video.encode(None):
+                self._container.mux(packet)
+            if self._aux is not None:
+                source = self.source
+                assert source is not None
+                if source.num_frames is not None and self.frames_written >= source.num_frames:
+                    end = None  # everything: streams may run a little past the video
+                elif self._use_source_pts:
+                    assert source.time_base is not None
+                    last = source.pts_of(self.frames_written - 1)
+                    following = source.pts_of(self.frames_written)
+                    end = following * source.time_base if following is not None else None
+                    if end is None and last is not None:
+                        end = last * source.time_base + 1 / self.fps
+                else:
+                    end = Fraction(self.frames_written) / self.fps
+                self._aux.finish(end)
+                self._aux = None
+            self._container.close()
+            self._container = None
+        except av.error.FFmpegError as exc:
+            raise VsrkitError(f"writing {self.path} failed: {_av_reason(exc)}") from exc
+        except OSError as exc:
+            raise VsrkitError(f"writing {self.path} failed: {_av_reason(exc)}") from exc
+
+    def _publish(self) -> None:
+        assert self._tmp is not None
+        tmp, path = self._tmp, self.path
+        mode = (0o666 if self.is_video else 0o777) & ~_umask()
+        try:
+            os.chmod(tmp, mode)
+            if path.is_dir() and not path.is_symlink():
+                # Checked in _check_destination: a folder of our own frames, and overwrite=True.
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+                os.replace(path, old)
+                try:
+                    os.replace(tmp, path)
+                except OSError:
+                    os.replace(old, path)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                if not self.is_video and (path.exists() or path.is_symlink()):
+                    os.unlink(path)  # a file or link where the folder goes (overwrite=True was checked)
+                os.replace(tmp, path)
+        except OSError as exc:
+            raise VsrkitError(
+                f"cannot move the finished output into place at {path}: {_av_reason(exc)}"
+            ) from exc
+        self._tmp = None
+
+    def abort(self) -> None:
+        """Discard everything written; ``path`` is left as it was. Idempotent."""
+        self._finished = True
+        for closer in (self._aux, self._container):
+            if closer is not None:
+                try:
+                    closer.close()
+                except Exception:  # noqa: BLE001 - cleanup must go on
+                    pass
+        self._aux = None
+        self._container = None
+        tmp, self._tmp = self._tmp, None
+        if tmp is not None:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                try:
+                    tmp.unlink()
+                except FileNotFoundError:
+                    pass
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_finished", True):
+            try:
+                self.abort()
+            except Exception:  # noqa: BLE001 - never raise from a finalizer
+                pass
+
+
+def _format_for(path: Path) -> str | None:
+    return {
+        ".mkv": "matroska",
+        ".webm": "webm",
+        ".mov": "mov",
+        ".m4v": "ipod",
+        ".mp4": "mp4",
+        ".avi": "avi",
+    }.get(path.suffix.lower())
+
+
+class _AuxCopier:
+    """Copies the audio and subtitle streams of a source video into an output container, in time order."""
+
+    def __init__(self, source_path: Path, output: av.container.OutputContainer, out_path: Path) -> None:
+        self._input = av.open(str(source_path), mode="r")
+        self._map: dict[int, av.stream.Stream] = {}
+        self._encoders: dict[int, av.AudioStream] = {}
+        supported = output.supported_codecs
+        for stream in self._input.streams:
+            if stream.type not in ("audio", "subtitle"):
+                continue
+            name = stream.codec_context.codec.canonical_name
+            if name in supported:
+                self._map[stream.index] = output.add_stream_from_template(stream)
+                continue
+            if stream.type == "subtitle":
+                _warn(
+                    f"{out_path}: subtitle stream #{stream.index} ({name}) cannot go into a "
+                    f"{out_path.suffix} file; left out"
+                )
+                continue
+            target = "aac" if "aac" in supported else "libopus" if "opus" in supported else None
+            if target is None or target not in av.codecs_available:
+                _warn(
+                    f"{out_path}: audio stream #{stream.index} ({name}) cannot go into a "
+                    f"{out_path.suffix} file; left out"
+                )
+                continue
+            rate = 48000 if target == "libopus" else stream.codec_context.sample_rate
+            layout = stream.codec_context.layout.name if stream.codec_context.layout else "stereo"
+            encoder = output.add_stream(target, rate=rate, layout=layout)
+            encoder.time_base = Fraction(1, rate)
+            self._encoders[stream.index] = encoder
+            self._map[stream.index] = encoder
+            _warn(
+                f"{out_path}: audio stream #{stream.index} ({name}) re-encoded to {target} for this container"
+            )
+        self._output = output
+        self._streams = [self._input.streams[i] for i in self._map]
+        self._packets = self._input.demux(*self._streams) if self._streams else iter(())
+        self._pending: av.Packet | None = None
+
+    @staticmethod
+    def _time(packet: av.Packet) -> Fraction | None:
+        ts = packet.dts if packet.dts is not None else packet.pts
+        if ts is None or packet.time_base is None:
+            return None
+        return ts * packet.time_base
+
+    def _next(self) -> av.Packet | None:
+        if self._pending is not None:
+            packet, self._pending = self._pending, None
+            return packet
+        return next(self._packets, None)
+
+    def copy_until(self, seconds: Fraction | None) -> None:
+        """Mux the source packets that start before ``seconds`` (all of them when None)."""
+        while True:
+            packet = self._next()
+            if packet is None:
+                return
+            if packet.size == 0:
+                continue
+            when = self._time(packet)
+            if seconds is not None and when is not None and when >= seconds:
+                self._pending = packet
+                return
+            self._emit(packet)
+
+    def _emit(self, packet: av.Packet) -> None:
+        index = packet.stream_index
+        encoder = self._encoders.get(index)
+        if encoder is None:
+            packet.stream = self._map[index]
+            self._output.mux(packet)
+            return
+        for frame in packet.decode():
+            for out_packet in encoder.encode(frame):
+                self._output.mux(out_packet)
+
+    def finish(self, end: Fraction | None) -> None:
+        self.copy_until(end)
+        for index, encoder in self._encoders.items():
+            for frame in self._input.streams[index].codec_context.decode(None):
+                for out_packet in encoder.encode(frame):
+                    self._output.mux(out_packet)
+            for out_packet in encoder.encode(None):
+                self._output.mux(out_packet)
+        self.close()
+
+    def close(self) -> None:
+        self._input.close()
+
+
+def open_writer(
+    path: str | os.PathLike[str],
+    *,
+    source: FrameSource | None = None,
+    fps: float | Fraction | None = None,
+    codec: str | None = None,
+    crf: int | None = 18,
+    pix_fmt: str = "yuv420p",
+    overwrite: bool = False,
+) -> VideoWriter:
+    """Open an atomic writer for a video file or a PNG folder (see :class:`VideoWriter`).
+
+    Args:
+        path: output path; a video if it ends in one of :data:`VIDEO_EXTENSIONS`, else a folder of PNGs.
+        source: the :class:`FrameSource` being processed: its timestamps, frame rate, audio and subtitles are
+            reused.
+        fps: constant output frame rate; None keeps the source's timing.
+        codec: video encoder; None picks libx264 (libvpx-vp9 for WebM). ``crf`` applies to x264/x265/VPx/AV1.
+        pix_fmt: output pixel format.
+        overwrite: replace an existing output.
+
+    Raises :class:`~vsrkit.errors.VsrkitError` at once if the output exists (without ``overwrite``), if its
+    folder is missing or not writable, or if the container cannot hold the codec.
+    """
+    return VideoWriter(
+        path, source=source, fps=fps, codec=codec, crf=crf, pix_fmt=pix_fmt, overwrite=overwrite
+    )
