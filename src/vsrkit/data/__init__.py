@@ -1,0 +1,1 @@
+"""Data: the papers' degradations, datasets and frame I/O."""
