@@ -1,0 +1,166 @@
+"""EDVR-M's feature extractor (Wang et al., 2019), IconVSR's information-refill module.
+
+Pyramid features → PCD alignment (pyramid, cascading, deformable) of each neighbour onto the
+centre frame → TSA fusion (temporal and spatial attention). No reconstruction trunk: the output
+is a C-channel feature of the centre frame. Key names follow BasicSR.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..ops.deform_conv import deform_conv2d
+from .blocks import ResidualBlockNoBN, conv3x3
+
+
+def _lrelu(x: torch.Tensor) -> torch.Tensor:
+    return F.leaky_relu(x, 0.1)
+
+
+def _upsample2(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+class DCNv2Pack(nn.Module):
+    """Modulated deformable conv whose offsets and masks come from a separate feature.
+
+    ``conv_offset`` yields ``3·G·9`` channels: the first two thirds are the offsets, used raw,
+    the last third the masks, through a sigmoid.
+    """
+
+    def __init__(self, channels: int = 64, deform_groups: int = 8) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, channels, 3, 3))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.conv_offset = conv3x3(channels, deform_groups * 3 * 9)
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+
+    def forward(self, x: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+        o1, o2, mask = torch.chunk(self.conv_offset(feat), 3, dim=1)
+        offset = torch.cat((o1, o2), dim=1)
+        return deform_conv2d(x, offset, self.weight, self.bias, padding=1, mask=torch.sigmoid(mask))
+
+
+class PCDAlignment(nn.Module):
+    def __init__(self, channels: int = 64, deform_groups: int = 8) -> None:
+        super().__init__()
+        self.offset_conv1 = nn.ModuleDict()
+        self.offset_conv2 = nn.ModuleDict()
+        self.offset_conv3 = nn.ModuleDict()
+        self.dcn_pack = nn.ModuleDict()
+        self.feat_conv = nn.ModuleDict()
+        for i in (3, 2, 1):
+            level = f"l{i}"
+            self.offset_conv1[level] = conv3x3(channels * 2, channels)
+            if i == 3:
+                self.offset_conv2[level] = conv3x3(channels, channels)
+            else:
+                self.offset_conv2[level] = conv3x3(channels * 2, channels)
+                self.offset_conv3[level] = conv3x3(channels, channels)
+            self.dcn_pack[level] = DCNv2Pack(channels, deform_groups)
+            if i < 3:
+                self.feat_conv[level] = conv3x3(channels * 2, channels)
+        self.cas_offset_conv1 = conv3x3(channels * 2, channels)
+        self.cas_offset_conv2 = conv3x3(channels, channels)
+        self.cas_dcnpack = DCNv2Pack(channels, deform_groups)
+
+    def forward(self, neighbour: list[torch.Tensor], reference: list[torch.Tensor]) -> torch.Tensor:
+        """Align a neighbour's 3-level pyramid (finest first) onto the reference's."""
+        up_offset = up_feat = None
+        for i in (3, 2, 1):
+            level = f"l{i}"
+            offset = _lrelu(self.offset_conv1[level](torch.cat([neighbour[i - 1], reference[i - 1]], dim=1)))
+            if i == 3:
+                offset = _lrelu(self.offset_conv2[level](offset))
+            else:
+                offset = _lrelu(self.offset_conv2[level](torch.cat([offset, up_offset], dim=1)))
+                offset = _lrelu(self.offset_conv3[level](offset))
+            feat = self.dcn_pack[level](neighbour[i - 1], offset)
+            if i < 3:
+                feat = self.feat_conv[level](torch.cat([feat, up_feat], dim=1))
+            if i > 1:
+                feat = _lrelu(feat)
+                # Offsets are in pixels of their level: doubling the resolution doubles them.
+                up_offset = _upsample2(offset) * 2
+                up_feat = _upsample2(feat)
+        offset = _lrelu(self.cas_offset_conv1(torch.cat([feat, reference[0]], dim=1)))
+        offset = _lrelu(self.cas_offset_conv2(offset))
+        return _lrelu(self.cas_dcnpack(feat, offset))
+
+
+class TSAFusion(nn.Module):
+    def __init__(self, channels: int = 64, num_frames: int = 5, center: int = 2) -> None:
+        super().__init__()
+        self.center = center
+        c = channels
+        self.temporal_attn1 = conv3x3(c, c)
+        self.temporal_attn2 = conv3x3(c, c)
+        self.feat_fusion = nn.Conv2d(num_frames * c, c, 1)
+        self.spatial_attn1 = nn.Conv2d(num_frames * c, c, 1)
+        self.spatial_attn2 = nn.Conv2d(c * 2, c, 1)
+        self.spatial_attn3 = conv3x3(c, c)
+        self.spatial_attn4 = nn.Conv2d(c, c, 1)
+        self.spatial_attn5 = conv3x3(c, c)
+        self.spatial_attn_l1 = nn.Conv2d(c, c, 1)
+        self.spatial_attn_l2 = conv3x3(c * 2, c)
+        self.spatial_attn_l3 = conv3x3(c, c)
+        self.spatial_attn_add1 = nn.Conv2d(c, c, 1)
+        self.spatial_attn_add2 = nn.Conv2d(c, c, 1)
+
+    @staticmethod
+    def _pool(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.max_pool2d(x, 3, 2, 1), F.avg_pool2d(x, 3, 2, 1, count_include_pad=True)], dim=1)
+
+    def forward(self, aligned: torch.Tensor) -> torch.Tensor:
+        """(N, T, C, H, W) aligned features → (N, C, H, W)."""
+        n, t, c, h, w = aligned.shape
+        embedding_ref = self.temporal_attn1(aligned[:, self.center])
+        embedding = self.temporal_attn2(aligned.reshape(-1, c, h, w)).view(n, t, c, h, w)
+        # Each frame is weighted per pixel by its embedding's correlation with the centre's.
+        corr = torch.sigmoid((embedding * embedding_ref.unsqueeze(1)).sum(dim=2))  # (N, T, H, W)
+        weighted = (aligned * corr.unsqueeze(2)).reshape(n, t * c, h, w)
+
+        feat = _lrelu(self.feat_fusion(weighted))
+        attn = _lrelu(self.spatial_attn1(weighted))
+        attn = _lrelu(self.spatial_attn2(self._pool(attn)))
+        attn_level = _lrelu(self.spatial_attn_l1(attn))
+        attn_level = _lrelu(self.spatial_attn_l2(self._pool(attn_level)))
+        attn_level = _upsample2(_lrelu(self.spatial_attn_l3(attn_level)))
+        attn = _lrelu(self.spatial_attn3(attn)) + attn_level
+        attn = _upsample2(_lrelu(self.spatial_attn4(attn)))
+        attn = self.spatial_attn5(attn)
+        attn_add = self.spatial_attn_add2(_lrelu(self.spatial_attn_add1(attn)))
+        return feat * torch.sigmoid(attn) * 2 + attn_add
+
+
+class EDVRFeatureExtractor(nn.Module):
+    """EDVR-M up to its fusion: (N, T, 3, H, W) with T = 2p+1 → feature of the centre frame.
+
+    H and W must be multiples of 4 (two stride-2 pyramid levels).
+    """
+
+    def __init__(self, num_frames: int = 5, channels: int = 64, deform_groups: int = 8) -> None:
+        super().__init__()
+        self.center = num_frames // 2
+        self.conv_first = conv3x3(3, channels)
+        self.feature_extraction = nn.Sequential(*(ResidualBlockNoBN(channels) for _ in range(5)))
+        self.conv_l2_1 = conv3x3(channels, channels, stride=2)
+        self.conv_l2_2 = conv3x3(channels, channels)
+        self.conv_l3_1 = conv3x3(channels, channels, stride=2)
+        self.conv_l3_2 = conv3x3(channels, channels)
+        self.pcd_align = PCDAlignment(channels, deform_groups)
+        self.fusion = TSAFusion(channels, num_frames, self.center)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        n, t, c, h, w = frames.shape
+        l1 = self.feature_extraction(_lrelu(self.conv_first(frames.reshape(-1, c, h, w))))
+        l2 = _lrelu(self.conv_l2_2(_lrelu(self.conv_l2_1(l1))))
+        l3 = _lrelu(self.conv_l3_2(_lrelu(self.conv_l3_1(l2))))
+        pyramid = [level.view(n, t, *level.shape[1:]) for level in (l1, l2, l3)]
+        reference = [level[:, self.center] for level in pyramid]
+        aligned = [self.pcd_align([level[:, i] for level in pyramid], reference) for i in range(t)]
+        return self.fusion(torch.stack(aligned, dim=1))

@@ -1,0 +1,197 @@
+"""IconVSR (Chan et al., CVPR 2021): BasicVSR plus information-refill and coupled propagation.
+
+- *Information-refill*: at keyframes (every ``keyframe_stride`` frames, and the last frame), an
+  EDVR-M feature of the frame and its ``temporal_padding`` neighbours on each side is fused
+  into the propagated state by a 3×3 conv, after warping and before the residual blocks.
+- *Coupled propagation*: the forward branch also takes the backward branch's output, and feeds
+  the upsampling tail directly (no ``fusion`` conv).
+
+Ablation switches: ``refill=False`` drops the EDVR-M module and the fusion convs;
+``coupled=False`` gives BasicVSR's uncoupled branches and ``fusion``; ``keyframe_stride``
+changes the keyframe spacing at inference (Fig. 10).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..ops.warp import flow_warp
+from .basicvsr import pairwise_flows, split_segments
+from .blocks import ConvResidualBlocks, add_upsample_tail, conv3x3, run_upsample_tail
+from .edvr import EDVRFeatureExtractor
+from .spynet import SpyNet
+
+# The references pad the EDVR-M window at the clip ends with these frames (not a mirror).
+_TEMPORAL_PAD = {2: ([4, 3], [-4, -5]), 3: ([6, 5, 4], [-5, -6, -7])}
+
+
+def keyframe_indices(num_frames: int, stride: int) -> list[int]:
+    """Every ``stride``-th frame from 0, plus the last frame."""
+    if stride <= 0:
+        return []
+    keys = list(range(0, num_frames, stride))
+    if keys[-1] != num_frames - 1:
+        keys.append(num_frames - 1)
+    return keys
+
+
+def pad_to_multiple(lqs: torch.Tensor, multiple: int, min_size: int = 0) -> torch.Tensor:
+    """Pad (N, T, C, H, W) at the bottom/right so both sides are ≥ ``min_size`` and multiples.
+
+    Frames below ``min_size`` are first replicate-padded (reflection cannot pad by more than the
+    side); the rest is reflect padding, as in the references.
+    """
+    n, t, c, h, w = lqs.shape
+    flat = lqs.reshape(n * t, c, h, w)
+    if h < min_size or w < min_size:
+        flat = F.pad(flat, [0, max(0, min_size - w), 0, max(0, min_size - h)], mode="replicate")
+        h, w = flat.shape[-2:]
+    pad_h, pad_w = (-h) % multiple, (-w) % multiple
+    if pad_h or pad_w:
+        mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+        flat = F.pad(flat, [0, pad_w, 0, pad_h], mode=mode)
+    return flat.view(n, t, c, *flat.shape[-2:])
+
+
+class IconVSR(nn.Module):
+    def __init__(
+        self,
+        mid_channels: int = 64,
+        num_blocks: int = 30,
+        keyframe_stride: int = 5,
+        temporal_padding: int = 2,
+        refill: bool = True,
+        coupled: bool = True,
+        num_segments: int = 1,
+        edvr_channels: int = 64,
+    ) -> None:
+        super().__init__()
+        if temporal_padding not in _TEMPORAL_PAD:
+            raise ValueError(f"temporal_padding must be 2 (REDS) or 3 (Vimeo-90K), got {temporal_padding}")
+        self.mid_channels = mid_channels
+        self.keyframe_stride = keyframe_stride
+        self.temporal_padding = temporal_padding
+        self.refill = refill
+        self.coupled = coupled
+        self.num_segments = num_segments
+        c = mid_channels
+        self.spynet = SpyNet()
+        if refill:
+            self.edvr = EDVRFeatureExtractor(2 * temporal_padding + 1, edvr_channels)
+            self.backward_fusion = conv3x3(c + edvr_channels, c)
+            self.forward_fusion = conv3x3(c + edvr_channels, c)
+        self.backward_trunk = ConvResidualBlocks(c + 3, c, num_blocks)
+        self.forward_trunk = ConvResidualBlocks((2 * c if coupled else c) + 3, c, num_blocks)
+        if not coupled:
+            self.fusion = nn.Conv2d(2 * c, c, 1)
+        add_upsample_tail(self, c)
+
+    @property
+    def min_frames(self) -> int:
+        """The EDVR-M window's end padding reads frame ``2p``: clips need ``2p + 1`` frames."""
+        return 2 * self.temporal_padding + 1 if self.refill else 1
+
+    # -- steps ---------------------------------------------------------------------------
+    def flows(self, lqs: torch.Tensor, direction: str) -> torch.Tensor:
+        return pairwise_flows(self.spynet, lqs, direction)
+
+    def keyframes(self, num_frames: int) -> list[int]:
+        return keyframe_indices(num_frames, self.keyframe_stride) if self.refill else []
+
+    def window(self, index: int, num_frames: int) -> list[int]:
+        """Frame indices of the EDVR-M input for keyframe ``index`` (centre in the middle)."""
+        before, after = _TEMPORAL_PAD[self.temporal_padding]
+        p = self.temporal_padding
+        padded = [num_frames + k if k < 0 else k for k in before]
+        padded += list(range(num_frames))
+        padded += [num_frames + k for k in after]
+        return padded[index : index + 2 * p + 1]
+
+    def keyframe_feature(self, window_frames: torch.Tensor) -> torch.Tensor:
+        """EDVR-M feature from (N, 2p+1, 3, H, W) frames (H, W multiples of 4)."""
+        return self.edvr(window_frames)
+
+    def _propagate_step(
+        self,
+        trunk: nn.Module,
+        fusion: nn.Module | None,
+        lq: torch.Tensor,
+        feat: torch.Tensor | None,
+        flow: torch.Tensor | None,
+        refill: torch.Tensor | None,
+        coupled_feat: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if feat is None:
+            n, _, h, w = lq.shape
+            feat = lq.new_zeros(n, self.mid_channels, h, w)
+        elif flow is not None:
+            feat = flow_warp(feat, flow)
+        if refill is not None:
+            feat = fusion(torch.cat([feat, refill], dim=1))
+        inputs = [lq, feat] if coupled_feat is None else [lq, coupled_feat, feat]
+        return trunk(torch.cat(inputs, dim=1))
+
+    def backward_step(
+        self,
+        lq: torch.Tensor,
+        feat: torch.Tensor | None,
+        flow: torch.Tensor | None,
+        refill: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        fusion = self.backward_fusion if self.refill else None
+        return self._propagate_step(self.backward_trunk, fusion, lq, feat, flow, refill, None)
+
+    def forward_step(
+        self,
+        lq: torch.Tensor,
+        feat: torch.Tensor | None,
+        flow: torch.Tensor | None,
+        refill: torch.Tensor | None,
+        backward_feat: torch.Tensor,
+    ) -> torch.Tensor:
+        fusion = self.forward_fusion if self.refill else None
+        coupled = backward_feat if self.coupled else None
+        return self._propagate_step(self.forward_trunk, fusion, lq, feat, flow, refill, coupled)
+
+    def reconstruct(
+        self, lq: torch.Tensor, forward_feat: torch.Tensor, backward_feat: torch.Tensor
+    ) -> torch.Tensor:
+        if self.coupled:
+            feat = forward_feat
+        else:
+            feat = F.leaky_relu(self.fusion(torch.cat([backward_feat, forward_feat], dim=1)), 0.1)
+        return run_upsample_tail(self, feat, lq)
+
+    # -- whole clip ----------------------------------------------------------------------
+    def forward(self, lqs: torch.Tensor) -> torch.Tensor:
+        """(N, T, 3, H, W) in [0, 1] → (N, T, 3, 4H, 4W); T ≥ 2·temporal_padding + 1."""
+        parts = split_segments(lqs.shape[1], self.num_segments)
+        return torch.cat([self._forward_clip(lqs[:, p.start : p.stop]) for p in parts], dim=1)
+
+    def _forward_clip(self, lqs: torch.Tensor) -> torch.Tensor:
+        n, t, _, h, w = lqs.shape
+        if t < self.min_frames:
+            raise ValueError(
+                f"IconVSR with temporal_padding={self.temporal_padding} needs at least "
+                f"{self.min_frames} frames, got {t}"
+            )
+        lqs = pad_to_multiple(lqs, 4)
+        keys = self.keyframes(t)
+        refills = {i: self.keyframe_feature(lqs[:, self.window(i, t)]) for i in keys}
+        flows_backward = self.flows(lqs, "backward")
+        backward_feats: list[torch.Tensor] = [None] * t  # type: ignore[list-item]
+        feat = None
+        for i in range(t - 1, -1, -1):
+            flow = flows_backward[:, i] if i < t - 1 else None
+            feat = self.backward_step(lqs[:, i], feat, flow, refills.get(i))
+            backward_feats[i] = feat
+        flows_forward = self.flows(lqs, "forward")
+        outputs = []
+        feat = None
+        for i in range(t):
+            flow = flows_forward[:, i - 1] if i > 0 else None
+            feat = self.forward_step(lqs[:, i], feat, flow, refills.get(i), backward_feats[i])
+            outputs.append(self.reconstruct(lqs[:, i], feat, backward_feats[i]))
+        return torch.stack(outputs, dim=1)[..., : 4 * h, : 4 * w]

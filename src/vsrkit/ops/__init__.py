@@ -1,0 +1,1 @@
+"""Low-level operators: flow warping and deformable convolution."""
