@@ -66,4 +66,5 @@ def run_upsample_tail(
     out = F.leaky_relu(model.conv_hr(out), 0.1)
     out = model.conv_last(out)
     base = F.interpolate(lq, scale_factor=4, mode="bilinear", align_corners=False) if upscale_base else lq
-    return out + base.to(out.dtype)
+    # The sum is taken in fp32: a bf16 output would be coarser than the 8-bit frame it becomes.
+    return out.float() + base.float()

@@ -1,0 +1,1 @@
+"""One module per ``vsrkit`` subcommand, each with ``register(subparsers)``."""

@@ -1,0 +1,446 @@
+"""Inference on clips of any length in bounded memory, with spatial tiles and reduced precision.
+
+Bidirectional models need the whole future of a frame before they can output it: the
+references keep every frame's features in memory (about 26 MB per frame at 180×320 for
+BasicVSR, 105 MB for BasicVSR++) and fail past a few hundred frames. Here:
+
+**BasicVSR and IconVSR: exact streaming.** The input is spooled once to a temporary file of
+raw LR frames (uint8, 173 kB per 180×320 frame). Pass 1 runs the backward branch over the
+whole clip from the last frame, saving the backward state at every ``segment_frames``-th
+frame, plus the backward flows and the IconVSR keyframe features, to the temporary folder.
+Pass 2 walks the segments in order: it recomputes the segment's backward states from the
+saved state at its end, runs the forward branch and emits finished HR frames. The first
+segment's states are still in memory at the end of pass 1, so clips no longer than
+``segment_frames`` cost no recomputation; longer ones cost one more backward trunk per frame.
+Memory holds ``segment_frames`` states; disk holds one state per segment. The result equals
+the one-pass output (differences are float rounding, measured ≤ 1e-5).
+
+**BasicVSR++: overlapping windows.** Its four interleaved branches have no cheap exact
+decomposition. The clip is processed in windows of ``window_frames`` frames that overlap by
+``window_overlap``; each frame is taken from the window in which it lies furthest from an
+edge. The deviation from one pass is measured by ``tests/test_engine.py`` and
+``benchmarks/memory.py``.
+
+**Tiles.** With ``tile=N`` each frame is cut into overlapping N×N LR tiles (at least the
+model's minimum size), each with its own recurrent state, processed in lockstep; outputs are
+blended with linear ramps across the overlaps, so there are no seams.
+
+**Precision.** ``bf16`` (CPU or CUDA) or ``fp16`` (CUDA) autocast for the networks' convs;
+SPyNet's flows, warping grids and sampling stay in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import VsrkitError
+from .models.iconvsr import pad_to_multiple
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MIN_TILE = 64
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VsrkitError("--device cuda was asked for, but no CUDA GPU is available")
+    return device
+
+
+def autocast_context(device: torch.device, precision: str) -> AbstractContextManager:
+    if precision not in PRECISIONS:
+        raise VsrkitError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise VsrkitError("fp16 needs a CUDA device; use --precision bf16 on the CPU")
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+@dataclass
+class EngineOptions:
+    device: str | torch.device | None = "auto"
+    precision: str = "fp32"
+    tile: int | None = None
+    tile_overlap: int = 16
+    segment_frames: int = 32
+    window_frames: int = 32
+    window_overlap: int = 8
+    tmp_dir: str | None = None
+
+
+# -- temporary storage ----------------------------------------------------------------------
+class _SpillDir:
+    """A private temporary folder for frames and tensors that must not stay in memory."""
+
+    def __init__(self, parent: str | None) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="vsrkit-", dir=parent))
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        torch.save(tensor.detach().cpu(), self.path / f"{key}.pt")
+
+    def get(self, key: str, device: torch.device) -> torch.Tensor:
+        return torch.load(self.path / f"{key}.pt", weights_only=True).to(device)
+
+    def pop(self, key: str, device: torch.device) -> torch.Tensor:
+        tensor = self.get(key, device)
+        (self.path / f"{key}.pt").unlink()
+        return tensor
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class _FrameSpool:
+    """LR frames in one raw file, readable in any order."""
+
+    def __init__(self, spill: _SpillDir, frames: Iterable[np.ndarray]) -> None:
+        self.file = open(spill.path / "frames.u8", "w+b")  # noqa: SIM115 - closed by close()
+        self.shape: tuple[int, int, int] | None = None
+        self.count = 0
+        for frame in frames:
+            frame = np.ascontiguousarray(frame)
+            if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+                raise VsrkitError(
+                    f"frames must be uint8 (H, W, 3) RGB arrays, got {frame.dtype} {frame.shape}"
+                )
+            if self.shape is None:
+                self.shape = frame.shape
+            elif frame.shape != self.shape:
+                raise VsrkitError(
+                    f"frame {self.count} is {frame.shape[:2]}, earlier frames are {self.shape[:2]}"
+                )
+            self.file.write(frame.tobytes())
+            self.count += 1
+        if self.count == 0:
+            raise VsrkitError("the input has no frames")
+        self.file.flush()
+        self.frame_bytes = int(np.prod(self.shape))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def read(self, index: int) -> np.ndarray:
+        self.file.seek(index * self.frame_bytes)
+        return np.frombuffer(self.file.read(self.frame_bytes), dtype=np.uint8).reshape(self.shape)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+# -- tiles ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Tile:
+    top: int
+    left: int
+    height: int
+    width: int
+
+    def crop(self, x: torch.Tensor, scale: int = 1) -> torch.Tensor:
+        t, l = self.top * scale, self.left * scale
+        return x[..., t : t + self.height * scale, l : l + self.width * scale]
+
+
+def _axis_starts(length: int, tile: int, overlap: int) -> list[int]:
+    if tile >= length:
+        return [0]
+    step = max(1, tile - overlap)
+    starts = list(range(0, length - tile, step)) + [length - tile]
+    return sorted(set(starts))
+
+
+def plan_tiles(height: int, width: int, tile: int | None, overlap: int, multiple: int = 1) -> list[_Tile]:
+    """Overlapping tiles covering an (H, W) LR frame; one tile when ``tile`` is None."""
+    if not tile:
+        return [_Tile(0, 0, height, width)]
+    tile = max(tile, MIN_TILE, 2 * overlap + 1)
+    tile = math.ceil(tile / multiple) * multiple
+    th, tw = min(tile, height), min(tile, width)
+    return [
+        _Tile(top, left, th, tw)
+        for top in _axis_starts(height, th, overlap)
+        for left in _axis_starts(width, tw, overlap)
+    ]
+
+
+def _blend_weight(tile: _Tile, height: int, width: int, overlap: int, scale: int) -> torch.Tensor:
+    """Linear ramps over the part of each tile edge that overlaps a neighbour (1 elsewhere)."""
+
+    def ramp(start: int, size: int, total: int) -> torch.Tensor:
+        n = size * scale
+        w = torch.ones(n)
+        ramp_len = overlap * scale
+        if ramp_len == 0:
+            return w
+        ramp = (torch.arange(ramp_len, dtype=torch.float32) + 0.5) / ramp_len
+        if start > 0:
+            w[:ramp_len] = torch.minimum(w[:ramp_len], ramp)
+        if start + size < total:
+            w[n - ramp_len :] = torch.minimum(w[n - ramp_len :], ramp.flip(0))
+        return w
+
+    wy = ramp(tile.top, tile.height, height)
+    wx = ramp(tile.left, tile.width, width)
+    return wy[:, None] * wx[None, :]
+
+
+class _Blender:
+    """Accumulates tile outputs into whole HR frames."""
+
+    def __init__(self, tiles: list[_Tile], height: int, width: int, overlap: int, scale: int) -> None:
+        self.tiles, self.scale = tiles, scale
+        self.shape = (height * scale, width * scale)
+        self.single = len(tiles) == 1
+        if not self.single:
+            self.weights = [_blend_weight(t, height, width, overlap, scale) for t in tiles]
+
+    def join(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        if self.single:
+            return outputs[0].float()
+        acc = torch.zeros(outputs[0].shape[0], 3, *self.shape, device=outputs[0].device)
+        norm = torch.zeros(*self.shape, device=outputs[0].device)
+        for tile, weight, out in zip(self.tiles, self.weights, outputs, strict=True):
+            weight = weight.to(out.device)
+            tile.crop(acc, self.scale).add_(out.float() * weight)
+            tile.crop(norm, self.scale).add_(weight)
+        return acc / norm
+
+
+def tensor_to_frame(hr: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) float in [0, 1] → uint8 (H, W, 3), rounded as the references quantise."""
+    return hr[0].float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+# -- the engine ---------------------------------------------------------------------------------
+class Upscaler:
+    """Runs a model over a stream of frames. ``run(frames)`` yields HR uint8 frames in order."""
+
+    def __init__(self, model: nn.Module, options: EngineOptions | None = None, **kwargs) -> None:
+        self.options = options or EngineOptions(**kwargs)
+        self.device = resolve_device(self.options.device)
+        self.model = model.to(self.device).eval()
+        self.arch = getattr(model, "arch", None) or {
+            "BasicVSR": "basicvsr",
+            "IconVSR": "iconvsr",
+            "BasicVSRPlusPlus": "basicvsr_pp",
+        }.get(type(model).__name__)
+        if self.arch is None:
+            raise VsrkitError(f"unsupported model type {type(model).__name__}")
+        self.scale = 4 if getattr(model, "is_low_res_input", True) else 1
+        autocast_context(self.device, self.options.precision)  # validates early
+        if self.options.segment_frames < 1 or self.options.window_frames < 2:
+            raise VsrkitError("segment_frames must be ≥ 1 and window_frames ≥ 2")
+        if not 0 <= self.options.window_overlap < self.options.window_frames:
+            raise VsrkitError("window_overlap must be smaller than window_frames")
+
+    def _autocast(self) -> AbstractContextManager:
+        return autocast_context(self.device, self.options.precision)
+
+    def _lq(self, spool: _FrameSpool, index: int) -> torch.Tensor:
+        frame = torch.from_numpy(spool.read(index).copy()).to(self.device)
+        lq = frame.permute(2, 0, 1).unsqueeze(0).float().div_(255)
+        if self.arch == "iconvsr":
+            # PCD's two stride-2 levels need sides that are multiples of 4.
+            lq = pad_to_multiple(lq.unsqueeze(1), 4)[:, 0]
+        return lq
+
+    def _flow(self, ref: torch.Tensor, supp: torch.Tensor) -> torch.Tensor:
+        # Flows stay in fp32: bf16 pixel offsets would be off by up to half a pixel at 320 px.
+        with torch.autocast(self.device.type, enabled=False):
+            return self.model.spynet(ref.float(), supp.float())
+
+    def run(
+        self, frames: Iterable[np.ndarray], progress: Callable[[int], None] | None = None
+    ) -> Iterator[np.ndarray]:
+        """Yield the upscaled frames of ``frames`` (uint8 (H, W, 3) RGB) one at a time."""
+        spill = _SpillDir(self.options.tmp_dir)
+        spool = None
+        try:
+            spool = _FrameSpool(spill, frames)
+            with torch.inference_mode():
+                if self.arch == "basicvsr_pp":
+                    steps = self._run_windows(spool)
+                else:
+                    steps = self._run_recurrent(spool, spill)
+                for hr in steps:
+                    yield tensor_to_frame(hr)
+                    if progress is not None:
+                        progress(1)
+        finally:
+            if spool is not None:
+                spool.close()
+            spill.close()
+
+    # -- BasicVSR / IconVSR: exact streaming -------------------------------------------------
+    def _run_recurrent(self, spool: _FrameSpool, spill: _SpillDir) -> Iterator[torch.Tensor]:
+        model, t = self.model, len(spool)
+        h0, w0 = spool.shape[:2]
+        iconvsr = self.arch == "iconvsr"
+        if iconvsr and t < model.min_frames:
+            raise VsrkitError(
+                f"IconVSR (temporal_padding={model.temporal_padding}) needs at least {model.min_frames} "
+                f"frames; the input has {t}"
+            )
+        lq0 = self._lq(spool, 0)
+        hp, wp = lq0.shape[-2:]
+        tiles = plan_tiles(hp, wp, self.options.tile, self.options.tile_overlap, 4 if iconvsr else 1)
+        blender = _Blender(tiles, hp, wp, self.options.tile_overlap, self.scale)
+        keys = set(model.keyframes(t)) if iconvsr else set()
+        bidirectional = getattr(model, "bidirectional", True)
+        k = self.options.segment_frames
+        segments = [range(s, min(s + k, t)) for s in range(0, t, k)]
+        image_alignment = getattr(model, "alignment", None) == "image"
+
+        def refill(
+            i: int, ti: int, lq_window: Callable[[int], torch.Tensor] | None = None, last_use: bool = False
+        ) -> torch.Tensor | None:
+            """IconVSR's keyframe feature: computed in pass 1, then read back from disk."""
+            if i not in keys:
+                return None
+            if lq_window is None:
+                read = spill.pop if last_use else spill.get
+                return read(f"refill_{i}_{ti}", self.device)
+            window = torch.stack([tiles[ti].crop(lq_window(j)) for j in model.window(i, t)], dim=1)
+            with self._autocast():
+                feat = model.keyframe_feature(window)
+            spill.put(f"refill_{i}_{ti}", feat)
+            return feat
+
+        def backward_step(lq, feat, flow, refill_feat, neighbour):
+            with self._autocast():
+                if iconvsr:
+                    return model.backward_step(lq, feat, flow, refill_feat)
+                return model.backward_step(lq, feat, flow, neighbour)
+
+        # Pass 1: backward branch over the whole clip, last frame first.
+        kept: dict[int, list[torch.Tensor]] = {}
+        if bidirectional:
+            cache: dict[int, torch.Tensor] = {}
+
+            def lq_at(j: int) -> torch.Tensor:
+                # The EDVR-M window reaches a few frames either side: keep a small cache.
+                if j not in cache:
+                    if len(cache) > 16:
+                        cache.pop(max(cache))
+                    cache[j] = self._lq(spool, j)
+                return cache[j]
+
+            feats: list[torch.Tensor | None] = [None] * len(tiles)
+            for i in range(t - 1, -1, -1):
+                lq = lq_at(i)
+                lq_next = lq_at(i + 1) if i < t - 1 else None
+                for ti, tile in enumerate(tiles):
+                    lq_t = tile.crop(lq)
+                    flow = None
+                    if lq_next is not None:
+                        flow = self._flow(lq_t, tile.crop(lq_next))
+                        spill.put(f"flow_{i}_{ti}", flow)
+                    neighbour = tile.crop(lq_next) if (image_alignment and lq_next is not None) else None
+                    feats[ti] = backward_step(lq_t, feats[ti], flow, refill(i, ti, lq_at), neighbour)
+                    if i < k:
+                        kept.setdefault(i, []).append(feats[ti])
+                    elif i % k == 0:
+                        spill.put(f"state_{i}_{ti}", feats[ti])
+                for j in [j for j in cache if j > i + 2 * getattr(model, "temporal_padding", 0) + 2]:
+                    del cache[j]
+            cache.clear()
+
+        # Pass 2: segment by segment, recompute backward states, then forward and reconstruct.
+        forward_feats: list[torch.Tensor | None] = [None] * len(tiles)
+        lq_prev = None
+        for segment in segments:
+            states: dict[int, list[torch.Tensor]] = {}
+            if bidirectional:
+                if segment.start == 0:
+                    states, kept = kept, {}
+                else:
+                    end = segment.stop
+                    feats = [
+                        spill.pop(f"state_{end}_{ti}", self.device) if end < t else None
+                        for ti in range(len(tiles))
+                    ]
+                    lq_next = self._lq(spool, end) if (end < t and image_alignment) else None
+                    for i in range(end - 1, segment.start - 1, -1):
+                        lq = self._lq(spool, i)
+                        states[i] = []
+                        for ti, tile in enumerate(tiles):
+                            flow = spill.pop(f"flow_{i}_{ti}", self.device) if i < t - 1 else None
+                            neighbour = tile.crop(lq_next) if lq_next is not None else None
+                            feats[ti] = backward_step(
+                                tile.crop(lq), feats[ti], flow, refill(i, ti), neighbour
+                            )
+                            states[i].append(feats[ti])
+                        lq_next = lq if image_alignment else None
+            for i in segment:
+                lq = self._lq(spool, i)
+                outputs = []
+                for ti, tile in enumerate(tiles):
+                    lq_t = tile.crop(lq)
+                    flow = self._flow(lq_t, tile.crop(lq_prev)) if lq_prev is not None else None
+                    back = states[i][ti] if bidirectional else None
+                    with self._autocast():
+                        if iconvsr:
+                            fwd = model.forward_step(
+                                lq_t, forward_feats[ti], flow, refill(i, ti, last_use=True), back
+                            )
+                        else:
+                            neighbour = (
+                                tile.crop(lq_prev) if (image_alignment and lq_prev is not None) else None
+                            )
+                            fwd = model.forward_step(lq_t, forward_feats[ti], flow, neighbour)
+                        forward_feats[ti] = fwd
+                        outputs.append(model.reconstruct(lq_t, fwd, back))
+                if bidirectional:
+                    del states[i]
+                lq_prev = lq
+                yield blender.join(outputs)[..., : self.scale * h0, : self.scale * w0]
+
+    # -- BasicVSR++: overlapping windows --------------------------------------------------------
+    def _run_windows(self, spool: _FrameSpool) -> Iterator[torch.Tensor]:
+        t = len(spool)
+        h0, w0 = spool.shape[:2]
+        size, overlap = self.options.window_frames, self.options.window_overlap
+        starts = _axis_starts(t, size, overlap)
+        multiple = 4 if not getattr(self.model, "is_low_res_input", True) else 1
+        tiles = plan_tiles(h0, w0, self.options.tile, self.options.tile_overlap, multiple)
+        blender = _Blender(tiles, h0, w0, self.options.tile_overlap, self.scale)
+        # Each frame comes from the window whose centre is nearest to it.
+        owner = [min(starts, key=lambda s: (abs(i - (s + (min(size, t) - 1) / 2)), s)) for i in range(t)]
+        for start in starts:
+            frames = [i for i in range(start, min(start + size, t)) if owner[i] == start]
+            if not frames:
+                continue
+            lqs = torch.stack([self._lq(spool, i) for i in range(start, min(start + size, t))], dim=1)
+            per_tile = []
+            for tile in tiles:
+                with self._autocast():
+                    per_tile.append(self.model(tile.crop(lqs)))
+            for i in frames:
+                yield blender.join([out[:, i - start] for out in per_tile])[
+                    ..., : self.scale * h0, : self.scale * w0
+                ]
+
+
+def upscale_frames(
+    frames: Iterable[np.ndarray],
+    model: nn.Module,
+    progress: Callable[[int], None] | None = None,
+    **options,
+) -> Iterator[np.ndarray]:
+    """Upscale a stream of uint8 (H, W, 3) RGB frames; yields uint8 HR frames in order.
+
+    ``options`` are :class:`EngineOptions` fields (``device``, ``precision``, ``tile``, ...).
+    """
+    return Upscaler(model, EngineOptions(**options)).run(frames, progress)
