@@ -265,6 +265,13 @@ class Upscaler:
         self, frames: Iterable[np.ndarray], progress: Callable[[int], None] | None = None
     ) -> Iterator[np.ndarray]:
         """Yield the upscaled frames of ``frames`` (uint8 (H, W, 3) RGB) one at a time."""
+        for hr in self.run_tensors(frames, progress):
+            yield tensor_to_frame(hr)
+
+    def run_tensors(
+        self, frames: Iterable[np.ndarray], progress: Callable[[int], None] | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Like :meth:`run`, but yields the unquantised (1, 3, 4H, 4W) fp32 outputs."""
         spill = _SpillDir(self.options.tmp_dir)
         spool = None
         try:
@@ -275,7 +282,7 @@ class Upscaler:
                 else:
                     steps = self._run_recurrent(spool, spill)
                 for hr in steps:
-                    yield tensor_to_frame(hr)
+                    yield hr
                     if progress is not None:
                         progress(1)
         finally:
