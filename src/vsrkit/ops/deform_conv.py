@@ -1,0 +1,350 @@
+"""Modulated deformable convolution (DCNv2) with a fast CPU path.
+
+:func:`deform_conv2d` has the semantics and tensor layouts of
+:func:`torchvision.ops.deform_conv2d`, so weights trained with either run unchanged:
+
+* ``offset`` is ``(N, 2*G*kh*kw, Ho, Wo)``: for offset group ``g`` and kernel position
+  ``k = i*kw + j``, channel ``2*(g*kh*kw + k)`` is the row (y) offset and the next one the
+  column (x) offset;
+* ``mask`` is ``(N, G*kh*kw, Ho, Wo)`` with channel ``g*kh*kw + k``;
+* the ``Cin/G`` input channels of a group share that group's sampling positions;
+* samples are bilinear with zeros outside the image: a position at ``y`` reads rows
+  ``floor(y)`` and ``floor(y)+1`` and any row outside ``[0, H)`` counts as zero, so a sample
+  between -1 and 0 still gets its share of row 0.
+
+Why not just call torchvision: its CPU kernel runs at about 6 GFLOP/s on the BasicVSR++ shape
+(1/20 of a dense convolution of the same size), is effectively single-threaded and has no
+bfloat16 kernel, so BasicVSR++ and IconVSR spend a third or more of their CPU time in it.
+On CUDA tensors (and any device other than the CPU) this module still calls torchvision,
+which is fast there.
+
+The CPU path is plain PyTorch. It builds the im2col matrix ``(Cin*kh*kw, Ho*Wo)`` a few output
+rows at a time with :func:`torch.nn.functional.grid_sample`: one call samples all groups, with
+the groups in the batch dimension (``(N*G, Cin/G, H, W)``) and the ``kh*kw`` kernel positions
+stacked along the grid's rows, so the sampling coordinates and corner weights are computed
+once per group and reused for each channel of the group by a vectorised, multithreaded ATen
+kernel. The modulation mask is multiplied into that matrix and one GEMM with the weight
+reshaped to ``(Cout, Cin*kh*kw)`` finishes the chunk. Everything is made of differentiable
+ops, so autograd gives the gradients for input, offset, mask, weight and bias.
+
+``grid_sample(align_corners=True)`` maps the normalised coordinate ``u`` to the pixel
+coordinate ``(u + 1) * (W - 1) / 2``, which is exactly the bilinear-with-zero-padding rule
+above. Going through normalised coordinates costs a few float32 roundings at the scale of 1
+(about 1e-7 * W pixels): the outputs differ from torchvision's by about as much as
+torchvision's own float32 result differs from a float64 one (see the tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["deform_conv2d"]
+
+# Target size of one chunk of the im2col matrix, in bytes of the sampling dtype. A few MiB keep
+# the chunk in the L2/L3 caches between the sampler writing it, the mask multiply and the GEMM
+# reading it, keep the peak memory independent of the frame size, and stay below glibc's mmap
+# threshold so chunk buffers are reused instead of being page-faulted in for every chunk.
+_CHUNK_BYTES = 8 << 20
+
+
+def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        pair = (value, value)
+    else:
+        pair = tuple(int(v) for v in value)
+        if len(pair) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 1,
+    dilation: int | tuple[int, int] = 1,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Deformable convolution v1/v2 (with ``mask``), like :func:`torchvision.ops.deform_conv2d`.
+
+    Args:
+        input: ``(N, Cin, H, W)``.
+        offset: ``(N, 2*G*kh*kw, Ho, Wo)``, (dy, dx) pairs per kernel position per offset group
+            ``G``; ``Cin`` must be divisible by ``G``.
+        weight: ``(Cout, Cin/groups, kh, kw)``; ``groups`` (weight groups) is inferred as
+            ``Cin // weight.shape[1]``, as torchvision does.
+        bias: ``(Cout,)`` or None.
+        stride, padding, dilation: ints or ``(h, w)`` pairs. Note the default padding is 1
+            (the models' 3x3 convolutions), unlike torchvision's 0.
+        mask: ``(N, G*kh*kw, Ho, Wo)`` modulation (DCNv2), or None for DCNv1.
+
+    Returns:
+        ``(N, Cout, Ho, Wo)``. On the CPU it has the input's dtype, or the autocast dtype when
+        called under ``torch.autocast("cpu")`` with a float32/bfloat16/float16 input; it is
+        channels_last when the input is.
+
+    On the CPU the bilinear sampling is always done in float32 (float64 for float64 inputs):
+    coordinates need the precision. Only the im2col matrix and the GEMM use a bfloat16/float16
+    compute dtype, with float32 accumulation inside the GEMM.
+    """
+    stride_hw = _pair(stride, "stride")
+    padding_hw = _pair(padding, "padding")
+    dilation_hw = _pair(dilation, "dilation")
+    if input.device.type != "cpu":
+        # torchvision's CUDA kernel is fast; only the CPU needs the replacement.
+        from torchvision.ops import deform_conv2d as tv_deform_conv2d
+
+        return tv_deform_conv2d(
+            input,
+            offset,
+            weight,
+            bias,
+            stride=stride_hw,
+            padding=padding_hw,
+            dilation=dilation_hw,
+            mask=mask,
+        )
+    return _deform_conv2d_cpu(input, offset, weight, bias, stride_hw, padding_hw, dilation_hw, mask)
+
+
+def _compute_dtype(input: Tensor) -> torch.dtype:
+    """Dtype of the im2col matrix and the GEMM (and of the result)."""
+    if not input.is_floating_point():
+        raise TypeError(f"deform_conv2d needs a floating-point input, got {input.dtype}")
+    if input.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        autocast_dtype = _cpu_autocast_dtype()
+        if autocast_dtype is not None:
+            # Under autocast, behave like conv2d: compute and return the autocast dtype.
+            return autocast_dtype
+    return input.dtype
+
+
+def _cpu_autocast_dtype() -> torch.dtype | None:
+    """The CPU autocast dtype when CPU autocast is on, else None (torch 2.1 to 2.14 APIs)."""
+    try:
+        if torch.is_autocast_enabled("cpu"):
+            return torch.get_autocast_dtype("cpu")
+        return None
+    except TypeError:  # torch < 2.4: no device_type argument
+        if torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        return None
+
+
+def _check_shapes(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    mask: Tensor | None,
+    out_hw: tuple[int, int],
+) -> tuple[int, int]:
+    """Validate the shapes; return (offset groups, weight groups)."""
+    if input.dim() != 4 or offset.dim() != 4 or weight.dim() != 4:
+        raise ValueError(
+            "deform_conv2d expects 4-d input, offset and weight, got "
+            f"{tuple(input.shape)}, {tuple(offset.shape)}, {tuple(weight.shape)}"
+        )
+    n, cin = input.shape[:2]
+    cout, cin_per_group, kh, kw = weight.shape
+    ho, wo = out_hw
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"deform_conv2d: empty output size {out_hw} for input {tuple(input.shape)}")
+    if cin_per_group == 0 or cin % cin_per_group:
+        raise ValueError(f"weight {tuple(weight.shape)} does not divide the {cin} input channels into groups")
+    weight_groups = cin // cin_per_group
+    if cout % weight_groups:
+        raise ValueError(f"{cout} output channels are not divisible into {weight_groups} weight groups")
+    k = kh * kw
+    if offset.shape[1] % (2 * k) or offset.shape[1] == 0:
+        raise ValueError(f"offset has {offset.shape[1]} channels, not a multiple of 2*kh*kw = {2 * k}")
+    groups = offset.shape[1] // (2 * k)
+    if cin % groups:
+        raise ValueError(f"{cin} input channels are not divisible into {groups} offset groups")
+    if offset.shape[0] != n or tuple(offset.shape[2:]) != out_hw:
+        raise ValueError(f"offset {tuple(offset.shape)} does not match batch {n} and output size {out_hw}")
+    if mask is not None and tuple(mask.shape) != (n, groups * k, ho, wo):
+        raise ValueError(f"mask {tuple(mask.shape)} should be {(n, groups * k, ho, wo)}")
+    if bias is not None and tuple(bias.shape) != (cout,):
+        raise ValueError(f"bias {tuple(bias.shape)} should be ({cout},)")
+    return groups, weight_groups
+
+
+def _deform_conv2d_cpu(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    mask: Tensor | None,
+) -> Tensor:
+    if input.dim() != 4 or weight.dim() != 4:
+        raise ValueError(
+            f"deform_conv2d expects 4-d input and weight, got {tuple(input.shape)} and {tuple(weight.shape)}"
+        )
+    n, cin, h, w = input.shape
+    cout, cin_per_wgroup, kh, kw = weight.shape
+    sh, sw = stride
+    ph, pw = padding
+    dh, dw = dilation
+    if min(sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
+        raise ValueError(f"bad stride {stride}, dilation {dilation} or padding {padding}")
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    groups, wgroups = _check_shapes(input, offset, weight, bias, mask, (ho, wo))
+    k = kh * kw
+    cg = cin // groups
+    dtype = _compute_dtype(input)
+    # Sampling precision: float32, or float64 when the input is float64 (gradcheck, references).
+    sdtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    # Keep the caller's memory format: channels_last models get a channels_last result.
+    channels_last = input.is_contiguous(memory_format=torch.channels_last) and cin > 1
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, offset, weight, bias, mask)
+    )
+
+    with torch.autocast("cpu", enabled=False):
+        x = input.to(sdtype)
+        # grid_sample's align_corners=True maps [-1, 1] onto [0, size-1], which is undefined
+        # for a size of 1. A zero row/column appended there is exactly torchvision's rule
+        # (outside the image reads zero), so sample a 2-pixel-wide image instead.
+        if h == 1 or w == 1:
+            x = F.pad(x, (0, int(w == 1), 0, int(h == 1)))
+        hs, ws = x.shape[-2:]
+        # Groups go to the batch dimension: (N*G, Cin/G, H, W). A view for NCHW inputs and for
+        # channels_last ones with N == 1; the sampler handles either stride pattern.
+        x = x.reshape(n * groups, cg, hs, ws)
+
+        sy = 2.0 / (hs - 1)
+        sx = 2.0 / (ws - 1)
+        # Normalised coordinates at zero offset, per kernel position: by (k, Ho, 1), bx (k, 1, Wo).
+        ky, kx = torch.meshgrid(torch.arange(kh), torch.arange(kw), indexing="ij")
+        pos_y = (torch.arange(ho, dtype=torch.float64) * sh - ph).view(1, ho, 1)
+        pos_x = (torch.arange(wo, dtype=torch.float64) * sw - pw).view(1, 1, wo)
+        by = ((ky.reshape(k, 1, 1) * dh + pos_y) * sy - 1.0).to(sdtype)
+        bx = ((kx.reshape(k, 1, 1) * dw + pos_x) * sx - 1.0).to(sdtype)
+
+        off = offset.to(sdtype).view(n, groups, k, 2, ho, wo)
+        msk = None if mask is None else mask.to(sdtype).view(n, groups, 1, k, ho, wo)
+        wmat = weight.to(dtype).reshape(wgroups, cout // wgroups, cin_per_wgroup * k)
+        b = None if bias is None else bias.to(dtype)
+
+        elem = torch.finfo(sdtype).bits // 8
+        rows = max(1, min(ho, _CHUNK_BYTES // max(1, n * cin * k * wo * elem)))
+        if needs_grad:
+            return _forward_autograd(x, off, msk, wmat, b, by, bx, sx, sy, rows, channels_last, dtype)
+        with torch.no_grad():
+            return _forward_inference(x, off, msk, wmat, b, by, bx, sx, sy, rows, channels_last, dtype)
+
+
+def _forward_inference(
+    x: Tensor,
+    off: Tensor,
+    msk: Tensor | None,
+    wmat: Tensor,
+    bias: Tensor | None,
+    by: Tensor,
+    bx: Tensor,
+    sx: float,
+    sy: float,
+    rows: int,
+    channels_last: bool,
+    dtype: torch.dtype,
+) -> Tensor:
+    """No-autograd path: reused chunk buffers, in-place ops, GEMMs written into the output."""
+    n, groups, k, _, ho, wo = off.shape
+    wgroups, cout_g, _ = wmat.shape
+    cout = wgroups * cout_g
+    cg = x.shape[1]
+    cin = groups * cg
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty((n, cout, ho, wo), dtype=dtype).contiguous(memory_format=fmt)
+    # Flat buffers: the shorter last chunk takes a contiguous prefix.
+    grid_buf = torch.empty(n * groups * k * rows * wo * 2, dtype=x.dtype)
+    # Lower-precision GEMMs need the im2col matrix in their dtype: the mask multiply writes it
+    # there directly, so the cast costs no extra pass.
+    cast_buf = None if dtype == x.dtype else torch.empty(n * cin * k * rows * wo, dtype=dtype)
+    for r0 in range(0, ho, rows):
+        r1 = min(ho, r0 + rows)
+        nr = r1 - r0
+        grid = grid_buf[: n * groups * k * nr * wo * 2].view(n, groups, k, nr, wo, 2)
+        torch.add(bx, off[:, :, :, 1, r0:r1], alpha=sx, out=grid[..., 0])
+        torch.add(by[:, r0:r1], off[:, :, :, 0, r0:r1], alpha=sy, out=grid[..., 1])
+        cols = F.grid_sample(
+            x, grid.view(n * groups, k * nr, wo, 2), mode="bilinear", padding_mode="zeros", align_corners=True
+        ).view(n, groups, cg, k, nr * wo)
+        if cast_buf is not None:
+            dst = cast_buf[: n * cin * k * nr * wo].view(n, groups, cg, k, nr * wo)
+            if msk is None:
+                dst.copy_(cols)
+            else:
+                torch.mul(cols, msk[..., r0:r1, :].reshape(n, groups, 1, k, nr * wo), out=dst)
+            cols = dst
+        elif msk is not None:
+            cols.mul_(msk[..., r0:r1, :].reshape(n, groups, 1, k, nr * wo))
+        cols = cols.view(n, wgroups, cin // wgroups * k, nr * wo)
+        for i in range(n):
+            for j in range(wgroups):
+                dst_out = out[i, j * cout_g : (j + 1) * cout_g, r0:r1]
+                a, c = wmat[j], cols[i, j]
+                if channels_last:
+                    # (Ho*Wo-chunk, Cout) rows are contiguous in a channels_last output.
+                    dst_mat = dst_out.permute(1, 2, 0).view(nr * wo, cout_g)
+                    a, c = c.t(), a.t()
+                else:
+                    # (Cout, chunk) with a row stride of Ho*Wo: BLAS writes it in place.
+                    dst_mat = dst_out.view(cout_g, nr * wo)
+                if bias is None:
+                    torch.mm(a, c, out=dst_mat)
+                else:
+                    bj = bias[j * cout_g : (j + 1) * cout_g]
+                    bj = bj.view(1, -1) if channels_last else bj.view(-1, 1)
+                    torch.addmm(bj.expand_as(dst_mat), a, c, out=dst_mat)
+    return out
+
+
+def _forward_autograd(
+    x: Tensor,
+    off: Tensor,
+    msk: Tensor | None,
+    wmat: Tensor,
+    bias: Tensor | None,
+    by: Tensor,
+    bx: Tensor,
+    sx: float,
+    sy: float,
+    rows: int,
+    channels_last: bool,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Differentiable path, made of out-of-place ops only so autograd can save what it needs."""
+    n, groups, k, _, ho, wo = off.shape
+    wgroups, cout_g, ck = wmat.shape
+    cg = x.shape[1]
+    chunks = []
+    for r0 in range(0, ho, rows):
+        r1 = min(ho, r0 + rows)
+        nr = r1 - r0
+        gx = torch.add(bx, off[:, :, :, 1, r0:r1], alpha=sx)
+        gy = torch.add(by[:, r0:r1], off[:, :, :, 0, r0:r1], alpha=sy)
+        grid = torch.stack((gx, gy), dim=-1).view(n * groups, k * nr, wo, 2)
+        cols = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        cols = cols.view(n, groups, cg, k, nr * wo)
+        if msk is not None:
+            cols = cols * msk[..., r0:r1, :].reshape(n, groups, 1, k, nr * wo)
+        cols = cols.to(dtype).view(n, wgroups, ck, nr * wo)
+        y = torch.matmul(wmat, cols)  # (n, wgroups, cout_g, chunk)
+        chunks.append(y.reshape(n, wgroups * cout_g, nr, wo))
+    out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
