@@ -13,15 +13,14 @@ import warnings
 
 from .errors import VsrkitError
 
-# subcommand → module holding ``register(subparsers)``; imported lazily so that
-# ``vsrkit --help`` stays fast.
-SUBCOMMANDS = {
-    "upscale": "vsrkit.commands.upscale",
-    "eval": "vsrkit.commands.evaluate",
-    "train": "vsrkit.commands.train",
-    "convert": "vsrkit.commands.convert",
-    "weights": "vsrkit.commands.weights",
-}
+# Modules holding each subcommand's ``register(subparsers)``, in help order.
+SUBCOMMANDS = (
+    "vsrkit.commands.upscale",
+    "vsrkit.commands.evaluate",
+    "vsrkit.commands.train",
+    "vsrkit.commands.convert",
+    "vsrkit.commands.weights",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vsrkit", description="Video super-resolution (BasicVSR family).")
     parser.add_argument("--version", action="version", version=f"vsrkit {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module_name in SUBCOMMANDS.items():
+    for module_name in SUBCOMMANDS:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
@@ -54,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     except VsrkitError as exc:
         print(f"vsrkit: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # Output piped into `head` and the like: not an error.
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("vsrkit: interrupted", file=sys.stderr)
         return 130

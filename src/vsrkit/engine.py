@@ -240,10 +240,16 @@ class Upscaler:
             raise VsrkitError(f"unsupported model type {type(model).__name__}")
         self.scale = 4 if getattr(model, "is_low_res_input", True) else 1
         autocast_context(self.device, self.options.precision)  # validates early
+        self._progress: Callable[[int], None] | None = None
         if self.options.segment_frames < 1 or self.options.window_frames < 2:
             raise VsrkitError("segment_frames must be ≥ 1 and window_frames ≥ 2")
         if not 0 <= self.options.window_overlap < self.options.window_frames:
             raise VsrkitError("window_overlap must be smaller than window_frames")
+
+    def progress_total(self, num_frames: int) -> int:
+        """How many times ``run`` calls ``progress(1)`` for a clip: the backward pass counts too."""
+        two_pass = self.arch in ("basicvsr", "iconvsr") and getattr(self.model, "bidirectional", True)
+        return 2 * num_frames if two_pass else num_frames
 
     def _autocast(self) -> AbstractContextManager:
         return autocast_context(self.device, self.options.precision)
@@ -274,6 +280,7 @@ class Upscaler:
         """Like :meth:`run`, but yields the unquantised (1, 3, 4H, 4W) fp32 outputs."""
         spill = _SpillDir(self.options.tmp_dir)
         spool = None
+        self._progress = progress
         try:
             spool = _FrameSpool(spill, frames)
             with torch.inference_mode():
@@ -362,6 +369,8 @@ class Upscaler:
                         spill.put(f"state_{i}_{ti}", feats[ti])
                 for j in [j for j in cache if j > i + 2 * getattr(model, "temporal_padding", 0) + 2]:
                     del cache[j]
+                if self._progress is not None:
+                    self._progress(1)
             cache.clear()
 
         # Pass 2: segment by segment, recompute backward states, then forward and reconstruct.

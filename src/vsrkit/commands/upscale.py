@@ -1,0 +1,79 @@
+"""``vsrkit upscale INPUT OUTPUT``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "upscale",
+        help="upscale a video (or a folder of images) by 4",
+        description="Upscale a video file or a folder of frames by 4. Long clips run in bounded memory; "
+        "audio and subtitles are copied; the output appears only when complete.",
+    )
+    p.add_argument("input", help="video file (anything FFmpeg reads) or folder of images (name order)")
+    p.add_argument("output", help="output video (.mp4 .mkv .mov .webm .avi) or folder for PNG frames")
+    p.add_argument("--model", default="basicvsr", choices=["basicvsr", "iconvsr", "basicvsr_pp"])
+    p.add_argument(
+        "--weights",
+        help="registered weights name (see `vsrkit weights`) or checkpoint file; "
+        "default: the model's REDS weights (basicvsr_reds4 for basicvsr)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--tile", type=int, default=None, metavar="N", help="process N×N LR tiles (for large frames)"
+    )
+    p.add_argument(
+        "--tile-overlap", type=int, default=16, metavar="N", help="LR pixels shared by neighbouring tiles"
+    )
+    p.add_argument(
+        "--segment-frames",
+        type=int,
+        default=32,
+        metavar="K",
+        help="BasicVSR/IconVSR: backward states kept in memory (exact for any K; memory grows with K)",
+    )
+    p.add_argument("--window-frames", type=int, default=32, metavar="W", help="BasicVSR++: frames per window")
+    p.add_argument(
+        "--window-overlap", type=int, default=8, metavar="O", help="BasicVSR++: frames shared by windows"
+    )
+    p.add_argument("--codec", default=None, help="video encoder (default libx264; libvpx-vp9 for .webm)")
+    p.add_argument(
+        "--crf", type=int, default=18, help="quality for x264/x265/VPx (lower is better; default 18)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--allow-corrupt", action="store_true", help="skip undecodable packets instead of failing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..upscale import upscale
+
+    summary = upscale(
+        args.input,
+        args.output,
+        model=args.model,
+        weights=args.weights,
+        device=args.device,
+        precision=args.precision,
+        tile=args.tile,
+        tile_overlap=args.tile_overlap,
+        segment_frames=args.segment_frames,
+        window_frames=args.window_frames,
+        window_overlap=args.window_overlap,
+        overwrite=args.overwrite,
+        codec=args.codec,
+        crf=args.crf,
+        allow_corrupt=args.allow_corrupt,
+        progress=not args.quiet,
+    )
+    w, h = summary["output_size"]
+    print(
+        f"wrote {summary['output']}: {summary['frames']} frames at {w}x{h} "
+        f"in {summary['seconds']:.1f} s ({summary['seconds'] / max(summary['frames'], 1):.2f} s/frame, "
+        f"{summary['device']}, {summary['precision']})"
+    )
+    return 0
