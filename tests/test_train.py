@@ -64,8 +64,17 @@ def tiny(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[st
         "train.fix_iter=0",
         "train.log_every=1",
         "train.save_every=0",
-        "train.num_threads=null",
+        # One thread: on shared, busy cores two OpenMP threads spin against each other and
+        # run tiny convolutions tens of times slower.
+        "train.num_threads=1",
     ]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def _losses(work_dir: Path) -> dict[int, float]:
