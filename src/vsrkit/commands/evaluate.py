@@ -1,0 +1,137 @@
+"""``vsrkit eval``: PSNR/SSIM of a model (or the bicubic baseline) on a test set, the papers' way."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ..errors import VsrkitError
+
+_MODELS = ("bicubic", "basicvsr", "iconvsr", "basicvsr_pp")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="score a model on Vid4, UDM10, REDS4, REDSval4, Vimeo-90K-T or your own clips",
+        description="Restore each clip whole, quantise to 8 bits, and average PSNR/SSIM per frame, then per "
+        "clip, then over clips (the BasicVSR papers' protocol; see docs/evaluation.md). Vimeo-90K-T is "
+        "mirror-extended and scored on the centre frame only. Published numbers for the same weights are "
+        "printed beside the mean.",
+    )
+    p.add_argument("--model", required=True, metavar="|".join(_MODELS), help="architecture, or bicubic")
+    p.add_argument(
+        "--weights",
+        metavar="NAME|PATH",
+        help="registered weights or a checkpoint file (default: the papers' checkpoint for the dataset "
+        "and degradation, e.g. basicvsr_vimeo90k_bi for basicvsr on Vid4 BI)",
+    )
+    p.add_argument(
+        "--dataset",
+        required=True,
+        metavar="NAME",
+        help="vid4, udm10, reds4, redsval4, vimeo90k-t, folder (also reds, vimeo90k with --split)",
+    )
+    p.add_argument(
+        "--root", required=True, metavar="DIR", help="the dataset's folder (only read, never written)"
+    )
+    p.add_argument("--degradation", default="bi", metavar="bi|bd", help="default: bi")
+    p.add_argument("--split", default="test", help="test (default); reds/reds4/vimeo90k: train, reds: val")
+    p.add_argument("--clips", metavar="A,B", help="score only these clips (comma-separated)")
+    p.add_argument("--space", metavar="y|rgb", help="default: rgb for REDS, y elsewhere (as the papers)")
+    p.add_argument(
+        "--crop-border", type=int, default=0, metavar="N", help="pixels dropped per side (default 0)"
+    )
+    p.add_argument("--max-frames", type=int, metavar="N", help="score only the first N frames of each clip")
+    p.add_argument("--device", default="auto", metavar="cpu|cuda|auto", help="default: auto")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="model option (value parsed as YAML), e.g. --set keyframe_stride=10; repeatable",
+    )
+    p.add_argument("--json", metavar="OUT", help="also write the result as JSON (atomically)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=run)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a=1", "b=flow"]`` → ``{"a": 1, "b": "flow"}``, each value read as a YAML scalar."""
+    import yaml
+
+    config: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise VsrkitError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            raise VsrkitError(f"--set {key}: cannot read {text!r} as a value") from None
+        if isinstance(value, (dict, list)):
+            raise VsrkitError(f"--set {key}: expected a single value, got {text!r}")
+        config[key] = value
+    return config
+
+
+def _write_json(path: str, result: dict[str, Any]) -> None:
+    from ..weights import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+
+    try:
+        atomic_write(path, write)  # temp file beside OUT, then os.replace
+    except OSError as exc:
+        raise VsrkitError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.datasets import DATASETS, DEGRADATIONS
+    from ..evaluate import default_weights, evaluate, format_table
+
+    model = args.model.lower()
+    if model not in _MODELS:
+        raise VsrkitError(f"unknown model {args.model!r}; choose one of: {', '.join(_MODELS)}")
+    dataset = args.dataset.lower()
+    if dataset not in DATASETS:
+        raise VsrkitError(f"unknown dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
+    degradation = args.degradation.lower()
+    if degradation not in DEGRADATIONS:
+        raise VsrkitError(f"unknown degradation {args.degradation!r}; choose bi or bd")
+    if args.device not in ("cpu", "cuda", "auto") and not args.device.startswith("cuda:"):
+        raise VsrkitError(f"unknown device {args.device!r}; choose cpu, cuda or auto")
+    config = parse_overrides(args.overrides)
+    clips = [c for c in args.clips.split(",") if c.strip()] if args.clips else None
+
+    weights = args.weights
+    if model != "bicubic" and weights is None:
+        weights = default_weights(model, dataset, degradation)
+        print(f"weights: {weights} (the papers' checkpoint for {model} on {dataset} {degradation.upper()})")
+
+    result = evaluate(
+        model,
+        weights=weights,
+        dataset=dataset,
+        root=args.root,
+        degradation=degradation,
+        split=args.split,
+        clips=clips,
+        space=args.space,
+        crop_border=args.crop_border,
+        device=args.device,
+        max_frames=args.max_frames,
+        progress=not args.no_progress,
+        config=config,
+    )
+    print(format_table(result))
+    if args.json:
+        _write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
