@@ -48,6 +48,9 @@ from .models.iconvsr import pad_to_multiple
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_TILE = 64
+# Frames are padded up to what the networks need (64 px for BasicVSR++'s flows), but a frame
+# under 8 px holds too little to upscale and is almost certainly a mistake.
+MIN_INPUT_SIDE = 8
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -117,6 +120,11 @@ class _FrameSpool:
                     f"frames must be uint8 (H, W, 3) RGB arrays, got {frame.dtype} {frame.shape}"
                 )
             if self.shape is None:
+                if min(frame.shape[:2]) < MIN_INPUT_SIDE:
+                    h, w = frame.shape[:2]
+                    raise VsrkitError(
+                        f"frames are too small ({w}×{h}); at least {MIN_INPUT_SIDE}×{MIN_INPUT_SIDE} px"
+                    )
                 self.shape = frame.shape
             elif frame.shape != self.shape:
                 raise VsrkitError(
