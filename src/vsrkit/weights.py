@@ -17,6 +17,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,10 +49,16 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if _is_safetensors(path):
         return _read_safetensors(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file to the user
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VsrkitError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+        text = str(exc)
+        if "Unsupported global" in text or "safe_globals" in text:
+            reason = "it holds Python objects other than tensors, which vsrkit refuses to unpickle"
+        else:
+            reason = "not a readable PyTorch or safetensors checkpoint (corrupt or truncated?)"
+        raise VsrkitError(f"cannot read checkpoint {path}: {reason}") from None
     return _from_object(obj, str(path))
 
 
