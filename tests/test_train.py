@@ -159,7 +159,9 @@ def test_cosine_restart_matches_mmcv_formula() -> None:
     opt = torch.optim.SGD([p], lr=base)
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=100, eta_min=eta)
     for it in range(100):
-        assert cosine_restart_lr(base, it, [100], [1.0], eta) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        assert cosine_restart_lr(base, it, [100], [1.0], eta) == pytest.approx(
+            opt.param_groups[0]["lr"], rel=1e-9
+        )
         opt.step()
         sched.step()
 
@@ -171,7 +173,9 @@ def test_charbonnier() -> None:
 
 
 def test_param_groups_carry_configured_rates(tmp_path: Path) -> None:
-    cfg = load_config(CONFIGS / "iconvsr_reds.yaml", ["model.num_blocks=1", "init.spynet=null", "init.edvr=null"])
+    cfg = load_config(
+        CONFIGS / "iconvsr_reds.yaml", ["model.num_blocks=1", "init.spynet=null", "init.edvr=null"]
+    )
     cfg = apply_overrides(cfg, ["optim.lr_mult.edvr=0.5"])
     trainer = Trainer(cfg, tmp_path)
     lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}

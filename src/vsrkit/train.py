@@ -374,15 +374,19 @@ def init_weights(model: nn.Module, init: dict[str, Any]) -> list[str]:
     return done
 
 
-def build_training_model(cfg: dict[str, Any]) -> nn.Module:
-    """The config's model, initialised from the seed (same on every rank) and the ``init`` section."""
+def build_training_model(cfg: dict[str, Any], init: bool = True) -> nn.Module:
+    """The config's model, initialised from the seed (same on every rank) and the ``init`` section.
+
+    ``init=False`` skips the ``init`` section (a resumed run overwrites every weight anyway, and
+    must not need the initial checkpoints any more).
+    """
     from .models import build_model
 
     torch.manual_seed(int(cfg["train"]["seed"]))
     model_cfg = dict(cfg["model"])
     arch = model_cfg.pop("arch")
     model = build_model(arch, **model_cfg)
-    model.init_log = init_weights(model, cfg["init"])  # type: ignore[attr-defined]
+    model.init_log = init_weights(model, cfg["init"]) if init else []  # type: ignore[attr-defined]
     return model
 
 
@@ -561,7 +565,8 @@ class Trainer:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             self._remove_partial_files()
 
-        self.model = build_training_model(cfg).to(self.dist.device)
+        will_resume = resume and (self.ckpt_dir / "latest.pth").is_file()
+        self.model = build_training_model(cfg, init=not will_resume).to(self.dist.device)
         self.fix_modules = [
             m for m in tr["fix_modules"] if isinstance(getattr(self.model, m, None), nn.Module)
         ]
