@@ -1,0 +1,132 @@
+"""Peak memory of `vsrkit upscale` on a long clip against a short one, at the same frame size.
+
+Each run is a fresh process (so ru_maxrss is that run's own peak) that decodes a real video
+(OpenCV's box.mp4, played back and forth to reach the length, MATLAB-bicubic ×1/4), upscales it
+through the public path (`vsrkit.upscale`: decode → engine → H.264 encode) and reports its peak
+RSS. The figure of merit is peak(long) / peak(short); the issue's bar is ≤ 1.5.
+
+For contrast, ``--one-pass`` also measures the references' way (the whole clip through
+``model(lqs)`` at once) on a shorter pair of lengths: its memory grows with the clip.
+
+The networks keep their full width (64 channels: the state size is what matters) but a
+single residual block per branch, so that 1000 frames take minutes, not hours, on 2 cores.
+
+    python benchmarks/memory.py                       # 50 vs 1000 frames, BasicVSR, 64×80 LR
+    python benchmarks/memory.py --arch iconvsr --frames 50 400
+    python benchmarks/memory.py --arch basicvsr_pp --frames 50 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE = REPO.parent / "shared" / "data" / "videos" / "box.mp4"
+
+
+def make_clip(path: Path, frames: int, height: int, width: int) -> None:
+    """A real LR clip of ``frames`` frames: box.mp4 ping-ponged, cropped and BI-downscaled."""
+    from vsrkit.data.degradations import bi_degrade
+    from vsrkit.data.video import open_frames, open_writer
+
+    gt_h, gt_w = 4 * height, 4 * width
+    with open_frames(SOURCE) as source:
+        lr = [bi_degrade(np.ascontiguousarray(f[:gt_h, :gt_w])) for f in source]
+    order = lr + lr[-2:0:-1]  # forward then backward, so the motion stays continuous
+    with open_writer(path, fps=25, crf=12) as writer:
+        for i in range(frames):
+            writer.write(np.ascontiguousarray(order[i % len(order)]))
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    import vsrkit
+    from vsrkit.upscale import upscale
+
+    torch.manual_seed(0)
+    extra = {"edvr_channels": 64} if args.arch == "iconvsr" else {}
+    model = vsrkit.create_model(args.arch, mid_channels=64, num_blocks=1, **extra).eval()
+    start = time.perf_counter()
+    if args.one_pass:
+        from vsrkit.data.video import read_all_frames
+
+        frames = read_all_frames(args.input)
+        lqs = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div(255)[None]
+        with torch.inference_mode():
+            model(lqs)
+        count = len(frames)
+    else:
+        summary = upscale(args.input, args.output, model=model, overwrite=True, progress=False)
+        count = summary["frames"]
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"frames": count, "peak_mb": peak_mb, "seconds": time.perf_counter() - start}))
+
+
+def measure(arch: str, clip: Path, out: Path, one_pass: bool) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--arch", arch, "--input", str(clip), "--output", str(out)]
+    if one_pass:
+        cmd.append("--one-pass")
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"child failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--arch", default="basicvsr", choices=["basicvsr", "iconvsr", "basicvsr_pp"])
+    parser.add_argument("--frames", type=int, nargs=2, default=[50, 1000], metavar=("SHORT", "LONG"))
+    parser.add_argument("--size", default="64x80", help="LR frame size HxW (default 64x80)")
+    parser.add_argument(
+        "--one-pass", action="store_true", help="also measure whole-clip model(lqs) at 25 and 100"
+    )
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--input", help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    height, width = (int(v) for v in args.size.lower().split("x"))
+    with tempfile.TemporaryDirectory(prefix="vsrkit-mem-") as tmp:
+        tmp = Path(tmp)
+        results = {}
+        for n in args.frames:
+            clip = tmp / f"clip_{n}.mp4"
+            make_clip(clip, n, height, width)
+            results[n] = measure(args.arch, clip, tmp / f"out_{n}.mp4", one_pass=False)
+            r = results[n]
+            print(
+                f"{args.arch} vsrkit upscale {n:5d} frames {height}x{width}: peak RSS {r['peak_mb']:7.0f} MB "
+                f"({r['seconds']:.0f} s)",
+                flush=True,
+            )
+        short, long = (results[n]["peak_mb"] for n in args.frames)
+        print(f"peak RSS ratio {args.frames[1]} / {args.frames[0]} frames: {long / short:.2f} (bar: ≤ 1.5)")
+        if args.one_pass:
+            base = {}
+            for n in (25, 100):
+                clip = tmp / f"clip_{n}.mp4"
+                make_clip(clip, n, height, width)
+                base[n] = measure(args.arch, clip, tmp / "unused.mp4", one_pass=True)
+                print(f"{args.arch} one pass model(lqs) {n:4d} frames: peak RSS {base[n]['peak_mb']:7.0f} MB")
+            print(
+                f"one-pass peak RSS ratio 100 / 25 frames: {base[100]['peak_mb'] / base[25]['peak_mb']:.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
