@@ -17,7 +17,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("src", help="checkpoint file or registered weights name")
     p.add_argument("dst", help="output .safetensors file")
-    p.add_argument("--arch", choices=["basicvsr", "iconvsr", "basicvsr_pp"], help="default: read from the checkpoint")
+    p.add_argument(
+        "--arch", choices=["basicvsr", "iconvsr", "basicvsr_pp"], help="default: read from the checkpoint"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=run)
 
