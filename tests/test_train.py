@@ -218,17 +218,27 @@ def test_on_the_fly_crop_equals_crop_of_degraded_frame(shared_data: Path) -> Non
 
 
 def test_loss_falls(tiny: list[str], tmp_path: Path) -> None:
-    train(CONFIGS / "tiny_cpu.yaml", tmp_path, overrides=[*tiny, "train.iterations=40", "optim.lr=2e-3"])
-    losses = [v for _, v in sorted(_losses(tmp_path).items())]
-    assert len(losses) == 40
-    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+    import vsrkit
+    from vsrkit.data.train_data import build_train_dataset
+
+    overrides = [*tiny, "train.iterations=40", "optim.lr=2e-3"]
+    train(CONFIGS / "tiny_cpu.yaml", tmp_path, overrides=overrides)
+    assert len(_losses(tmp_path)) == 40
     state = torch.load(tmp_path / "checkpoints" / "latest.pth", weights_only=True)
     assert state["iteration"] == 40
+    # Judged on a fixed batch of 8 samples the run never drew (another seed): per-iteration
+    # losses of batch 1 vary more with the content than 40 steps change them.
+    cfg = load_config(CONFIGS / "tiny_cpu.yaml", overrides)
+    data = build_train_dataset(cfg["data"], seed=12345)
+    lq = torch.stack([data[i][0] for i in range(8)])
+    gt = torch.stack([data[i][1] for i in range(8)])
     # The training checkpoint is a BasicSR-layout file for every other vsrkit tool.
-    import vsrkit
-
-    model = vsrkit.create_model(checkpoint=tmp_path / "checkpoints" / "latest.pth")
-    assert model.config["mid_channels"] == 8
+    trained = vsrkit.create_model(checkpoint=tmp_path / "checkpoints" / "latest.pth")
+    assert trained.config["mid_channels"] == 8
+    with torch.no_grad():
+        before = charbonnier_loss(build_training_model(cfg).eval()(lq), gt).item()
+        after = charbonnier_loss(trained(lq), gt).item()
+    assert after < 0.9 * before
     assert (tmp_path / "final.safetensors").is_file() and list((tmp_path / "tensorboard").iterdir())
 
 
@@ -313,3 +323,32 @@ def test_ddp_two_processes_keep_equal_weights(tiny: list[str], tmp_path: Path) -
     assert len(state["rng"]) == 2 and state["iteration"] == 4
     # Only rank 0 writes: one log line per iteration.
     assert [r["iter"] for r in records if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_iconvsr_freezes_edvr_and_validates(tiny: list[str], tmp_path: Path) -> None:
+    overrides = [
+        *tiny,
+        "model.arch=iconvsr",
+        "model.edvr_channels=8",
+        "data.num_frames=5",  # IconVSR's refill needs 2·temporal_padding + 1 frames
+        "train.fix_iter=1",
+        "train.iterations=2",
+        "train.keep_every=1",
+        "val.every=2",
+        "val.clips=[tree.avi]",
+        "val.max_frames=5",
+        "val.gt_crop=64",
+    ]
+    train(CONFIGS / "tiny_cpu.yaml", tmp_path, overrides=overrides)
+    initial = build_training_model(load_config(CONFIGS / "tiny_cpu.yaml", overrides)).state_dict()
+    ckpt = tmp_path / "checkpoints"
+    for it, frozen in ((1, True), (2, False)):
+        for prefix in ("spynet.", "edvr."):
+            params = _params(ckpt / f"iter_{it}.pth", prefix)
+            assert all(torch.equal(v, initial[k]) for k, v in params.items()) == frozen, (it, prefix)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    val = [r for r in records if "val_psnr" in r]
+    assert len(val) == 1 and val[0]["iter"] == 2 and 10 < val[0]["val_psnr"] < 60
+    assert (ckpt / "best.pth").is_file()
+    best = torch.load(ckpt / "best.pth", weights_only=True)["best"]
+    assert best == {"psnr": val[0]["val_psnr"], "iteration": 2}

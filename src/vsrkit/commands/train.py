@@ -7,9 +7,10 @@ several on a CPU with gloo).
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
-def register(subparsers) -> None:
+def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "train",
         help="train a model from a YAML config (the papers' recipes are in configs/)",
