@@ -52,24 +52,37 @@ def make_inputs(
     }
 
 
-def time_round_robin(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Best wall time in seconds of each function, calling them in turn ``rounds`` times."""
+def time_round_robin(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, tuple[float, float]]:
+    """Best wall time and best process CPU time, in seconds, of each function.
+
+    The functions are called in turn ``rounds`` times. CPU time (all threads) is the steadier
+    figure when other processes share the cores; it includes OpenMP threads spin-waiting
+    unless OMP_WAIT_POLICY=PASSIVE is set, and for one thread it is the single-core cost.
+    """
     for fn in fns.values():  # warm-up: allocator, oneDNN primitive caches
         fn()
-    best = dict.fromkeys(fns, float("inf"))
+    best = {name: (float("inf"), float("inf")) for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
     return best
 
 
-def report(title: str, gflop: float, best: dict[str, float], ref: str) -> None:
+def report(title: str, gflop: float, best: dict[str, tuple[float, float]], ref: str) -> None:
     print(f"\n{title}  ({gflop:.2f} GFLOP per call)")
-    print(f"  {'method':<36} {'ms':>9} {'GFLOP/s':>9} {'vs ' + ref:>14}")
-    for name, sec in best.items():
-        print(f"  {name:<36} {sec * 1e3:9.1f} {gflop / sec:9.1f} {best[ref] / sec:13.2f}x")
+    print(
+        f"  {'method':<36} {'wall ms':>9} {'GFLOP/s':>8} {'speed-up':>9} {'CPU ms':>9} {'CPU-time ratio':>15}"
+    )
+    ref_wall, ref_cpu = best[ref]
+    for name, (wall, cpu) in best.items():
+        print(
+            f"  {name:<36} {wall * 1e3:9.1f} {gflop / wall:8.1f} {ref_wall / wall:8.2f}x"
+            f" {cpu * 1e3:9.1f} {ref_cpu / cpu:14.2f}x"
+        )
+    print(f"  (speed-up and CPU-time ratio are relative to {ref})")
 
 
 def bench_forward(name: str, n: int, h: int, w: int, rounds: int) -> None:
