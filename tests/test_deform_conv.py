@@ -154,6 +154,20 @@ def test_sampling_edges_match_torchvision() -> None:
     assert ref.abs().max() > 0
 
 
+def test_huge_offsets_read_zero() -> None:
+    """Offsets far beyond the image (up to 1e30 px) read zeros, as in torchvision."""
+    a = _inputs(1, 8, 4, 2, 10, 12, with_bias=False)
+    offset = a["offset"].clone().view(1, 2, 9, 2, 10, 12)  # (n, groups, k, (dy, dx), ho, wo)
+    offset[:, :, 0::2, 0] *= 1e9  # even kernel positions: far above/below
+    offset[:, :, 1::4, 1] = -1e30  # positions 1 and 5: far left; 3 and 7 stay inside
+    a["offset"] = offset.view(1, 36, 10, 12)
+    with torch.no_grad():
+        out, ref = _ours(a), _reference(a)
+    assert torch.isfinite(out).all()
+    assert ref.abs().max() > 0
+    assert _rel_diff("huge offsets", out, ref) <= FP32_REL
+
+
 @pytest.mark.parametrize("chunk_bytes", [1, 3000])
 def test_row_chunks(monkeypatch: pytest.MonkeyPatch, chunk_bytes: int) -> None:
     """Tiny chunks: one output row per chunk, and several rows with a shorter last chunk."""
