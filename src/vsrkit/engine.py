@@ -25,8 +25,12 @@ edge. The deviation from one pass is measured by ``tests/test_engine.py`` and
 model's minimum size), each with its own recurrent state, processed in lockstep; outputs are
 blended with linear ramps across the overlaps, so there are no seams.
 
-**Precision.** ``bf16`` (CPU or CUDA) or ``fp16`` (CUDA) autocast for the networks' convs;
-SPyNet's flows, warping grids and sampling stay in fp32.
+**Precision and speed.** On the CPU the model is first prepared by
+:func:`vsrkit.accel.prepare_for_inference` (a copy: channels_last, and for ``bf16`` bf16
+weights instead of autocast; warping grids, sampling, flow sums and the output stay fp32).
+On CUDA, ``bf16`` or ``fp16`` autocast runs the networks' convs and SPyNet stays fp32. Flows
+are computed for up to ``flow_batch`` frame pairs in one SPyNet call: its small 7×7 convs and
+coarse pyramid levels use the cores poorly one pair at a time.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .accel import prepare_for_inference, prepared_precision
 from .errors import VsrkitError
 from .models.iconvsr import pad_to_multiple
 
@@ -82,6 +87,7 @@ class EngineOptions:
     window_frames: int = 32
     window_overlap: int = 8
     tmp_dir: str | None = None
+    flow_batch: int = 4
 
 
 # -- temporary storage ----------------------------------------------------------------------
@@ -238,7 +244,12 @@ class Upscaler:
     def __init__(self, model: nn.Module, options: EngineOptions | None = None, **kwargs) -> None:
         self.options = options or EngineOptions(**kwargs)
         self.device = resolve_device(self.options.device)
-        self.model = model.to(self.device).eval()
+        autocast_context(self.device, self.options.precision)  # validates early
+        if self.device.type == "cpu":
+            # A prepared copy: the caller's model keeps its dtype and memory format.
+            self.model = prepare_for_inference(model, self.device, self.options.precision)
+        else:
+            self.model = model.to(self.device).eval()
         self.arch = getattr(model, "arch", None) or {
             "BasicVSR": "basicvsr",
             "IconVSR": "iconvsr",
@@ -247,12 +258,13 @@ class Upscaler:
         if self.arch is None:
             raise VsrkitError(f"unsupported model type {type(model).__name__}")
         self.scale = 4 if getattr(model, "is_low_res_input", True) else 1
-        autocast_context(self.device, self.options.precision)  # validates early
         self._progress: Callable[[int], None] | None = None
         if self.options.segment_frames < 1 or self.options.window_frames < 2:
             raise VsrkitError("segment_frames must be ≥ 1 and window_frames ≥ 2")
         if not 0 <= self.options.window_overlap < self.options.window_frames:
             raise VsrkitError("window_overlap must be smaller than window_frames")
+        if self.options.flow_batch < 1:
+            raise VsrkitError("flow_batch must be ≥ 1")
 
     def progress_total(self, num_frames: int) -> int:
         """How many times ``run`` calls ``progress(1)`` for a clip: the backward pass counts too."""
@@ -260,6 +272,10 @@ class Upscaler:
         return 2 * num_frames if two_pass else num_frames
 
     def _autocast(self) -> AbstractContextManager:
+        if prepared_precision(self.model) is not None:
+            # Prepared on the CPU: the weights already have the precision, autocast would only
+            # re-cast them at every call.
+            return nullcontext()
         return autocast_context(self.device, self.options.precision)
 
     def _lq(self, spool: _FrameSpool, index: int) -> torch.Tensor:
@@ -271,9 +287,24 @@ class Upscaler:
         return lq
 
     def _flow(self, ref: torch.Tensor, supp: torch.Tensor) -> torch.Tensor:
-        # Flows stay in fp32: bf16 pixel offsets would be off by up to half a pixel at 320 px.
+        """Flows for a batch of pairs; SPyNet's output is always fp32."""
+        # Under autocast (CUDA) flows stay fp32: bf16 pixel offsets would be off by up to half a
+        # pixel at 320 px. A CPU-prepared SPyNet keeps its flow sums in fp32 by itself.
         with torch.autocast(self.device.type, enabled=False):
-            return self.model.spynet(ref.float(), supp.float())
+            return self.model.spynet(ref.float(), supp.float()).float()
+
+    def _flows(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """``spynet(ref, supp)`` for each pair, ``flow_batch`` pairs per SPyNet call."""
+        out: list[torch.Tensor] = []
+        step = self.options.flow_batch
+        for s in range(0, len(pairs), step):
+            chunk = pairs[s : s + step]
+            if len(chunk) == 1:
+                out.append(self._flow(*chunk[0]))
+                continue
+            flows = self._flow(torch.cat([p[0] for p in chunk]), torch.cat([p[1] for p in chunk]))
+            out.extend(flows.split([p[0].shape[0] for p in chunk]))
+        return out
 
     def run(
         self, frames: Iterable[np.ndarray], progress: Callable[[int], None] | None = None
@@ -360,14 +391,22 @@ class Upscaler:
                 return cache[j]
 
             feats: list[torch.Tensor | None] = [None] * len(tiles)
+            backward_flows: dict[int, list[torch.Tensor]] = {}
             for i in range(t - 1, -1, -1):
                 lq = lq_at(i)
                 lq_next = lq_at(i + 1) if i < t - 1 else None
+                if lq_next is not None and i not in backward_flows:
+                    # This frame's flows and those of the next few frames of the pass at once.
+                    batch = list(range(i, max(i - self.options.flow_batch, -1), -1))
+                    pairs = [(tile.crop(lq_at(j)), tile.crop(lq_at(j + 1))) for j in batch for tile in tiles]
+                    flat = self._flows(pairs)
+                    for n_j, j in enumerate(batch):
+                        backward_flows[j] = flat[n_j * len(tiles) : (n_j + 1) * len(tiles)]
                 for ti, tile in enumerate(tiles):
                     lq_t = tile.crop(lq)
                     flow = None
                     if lq_next is not None:
-                        flow = self._flow(lq_t, tile.crop(lq_next))
+                        flow = backward_flows[i][ti]
                         spill.put(f"flow_{i}_{ti}", flow)
                     neighbour = tile.crop(lq_next) if (image_alignment and lq_next is not None) else None
                     feats[ti] = backward_step(lq_t, feats[ti], flow, refill(i, ti, lq_at), neighbour)
@@ -375,6 +414,7 @@ class Upscaler:
                         kept.setdefault(i, []).append(feats[ti])
                     elif i % k == 0:
                         spill.put(f"state_{i}_{ti}", feats[ti])
+                backward_flows.pop(i, None)
                 for j in [j for j in cache if j > i + 2 * getattr(model, "temporal_padding", 0) + 2]:
                     del cache[j]
                 if self._progress is not None:
@@ -383,6 +423,19 @@ class Upscaler:
 
         # Pass 2: segment by segment, recompute backward states, then forward and reconstruct.
         forward_feats: list[torch.Tensor | None] = [None] * len(tiles)
+        forward_flows: dict[int, list[torch.Tensor]] = {}
+
+        def forward_flow(i: int, ti: int) -> torch.Tensor:
+            """``spynet(lq[i], lq[i-1])`` for tile ``ti``, computed ``flow_batch`` frames at a time."""
+            if i not in forward_flows:
+                batch = list(range(i, min(i + self.options.flow_batch, t)))
+                lqs = {j: self._lq(spool, j) for j in range(i - 1, batch[-1] + 1)}
+                pairs = [(tile.crop(lqs[j]), tile.crop(lqs[j - 1])) for j in batch for tile in tiles]
+                flat = self._flows(pairs)
+                for n_j, j in enumerate(batch):
+                    forward_flows[j] = flat[n_j * len(tiles) : (n_j + 1) * len(tiles)]
+            return forward_flows[i][ti]
+
         lq_prev = None
         for segment in segments:
             states: dict[int, list[torch.Tensor]] = {}
@@ -412,7 +465,7 @@ class Upscaler:
                 outputs = []
                 for ti, tile in enumerate(tiles):
                     lq_t = tile.crop(lq)
-                    flow = self._flow(lq_t, tile.crop(lq_prev)) if lq_prev is not None else None
+                    flow = forward_flow(i, ti) if lq_prev is not None else None
                     back = states[i][ti] if bidirectional else None
                     with self._autocast():
                         if iconvsr:
@@ -426,6 +479,7 @@ class Upscaler:
                             fwd = model.forward_step(lq_t, forward_feats[ti], flow, neighbour)
                         forward_feats[ti] = fwd
                         outputs.append(model.reconstruct(lq_t, fwd, back))
+                forward_flows.pop(i, None)
                 if bidirectional:
                     del states[i]
                 lq_prev = lq

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..ops.warp import flow_warp
-from .blocks import ConvResidualBlocks, add_upsample_tail, run_upsample_tail
+from .blocks import ConvResidualBlocks, add_upsample_tail, conv_act, run_upsample_tail
 from .spynet import SpyNet
 
 
@@ -137,7 +136,7 @@ class BasicVSR(nn.Module):
     ) -> torch.Tensor:
         """HR output for one frame (or a batch of frames) from its two propagated states."""
         if self.bidirectional:
-            feat = F.leaky_relu(self.fusion(torch.cat([backward_feat, forward_feat], dim=1)), 0.1)
+            feat = conv_act(self.fusion, torch.cat([backward_feat, forward_feat], dim=1), "leaky_relu", 0.1)
         else:
             feat = forward_feat
         return run_upsample_tail(self, feat, lq)

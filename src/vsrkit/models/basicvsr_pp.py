@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from ..ops.deform_conv import deform_conv2d
 from ..ops.warp import flow_warp
 from .basicvsr import pairwise_flows
-from .blocks import ConvResidualBlocks, add_upsample_tail, conv3x3, run_upsample_tail
+from .blocks import ConvResidualBlocks, add_upsample_tail, conv3x3, conv_act, run_upsample_tail
 from .iconvsr import pad_to_multiple
 from .spynet import SpyNet
 
@@ -57,9 +57,11 @@ class SecondOrderDeformableAlignment(nn.Module):
     def forward(
         self, x: torch.Tensor, condition: torch.Tensor, flow_1: torch.Tensor, flow_2: torch.Tensor
     ) -> torch.Tensor:
-        out = self.conv_offset(
-            torch.cat([condition, flow_1.to(condition.dtype), flow_2.to(condition.dtype)], 1)
-        )
+        out = torch.cat([condition, flow_1.to(condition.dtype), flow_2.to(condition.dtype)], 1)
+        convs = self.conv_offset[::2]
+        for conv in convs[:-1]:
+            out = conv_act(conv, out, "leaky_relu", 0.1)
+        out = conv_act(convs[-1], out)
         o1, o2, mask = torch.chunk(out, 3, dim=1)
         offset = self.max_residue_magnitude * torch.tanh(torch.cat((o1, o2), dim=1)).float()
         offset_1, offset_2 = torch.chunk(offset, 2, dim=1)

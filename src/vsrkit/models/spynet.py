@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..ops.warp import flow_warp
+from .blocks import conv_act
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,7 +30,10 @@ class SpyNetLevel(nn.Module):
         self.basic_module = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.basic_module(x)
+        convs = self.basic_module[::2]
+        for conv in convs[:-1]:
+            x = conv_act(conv, x, "relu")
+        return conv_act(convs[-1], x)
 
 
 class SpyNet(nn.Module):
