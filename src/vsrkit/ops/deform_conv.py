@@ -24,8 +24,12 @@ the groups in the batch dimension (``(N*G, Cin/G, H, W)``) and the ``kh*kw`` ker
 stacked along the grid's rows, so the sampling coordinates and corner weights are computed
 once per group and reused for each channel of the group by a vectorised, multithreaded ATen
 kernel. The modulation mask is multiplied into that matrix and one GEMM with the weight
-reshaped to ``(Cout, Cin*kh*kw)`` finishes the chunk. Everything is made of differentiable
-ops, so autograd gives the gradients for input, offset, mask, weight and bias.
+reshaped to ``(Cout, Cin*kh*kw)`` finishes the chunk (in float32 as a 1x1 convolution, which
+runs in oneDNN). Without autograd, the chunk buffers are reused and the peak memory is the
+output plus a few tens of MiB. With autograd everything is made of differentiable ops, so
+autograd gives the gradients for input, offset, mask, weight and bias; it keeps the sampled
+matrix (with and without the mask) for the backward pass, about 2 * Cin*kh*kw*Ho*Wo floats
+(0.9 GB for BasicVSR++'s 128 channels at 180x320, 64 MB for a 64x64 training crop).
 
 ``grid_sample(align_corners=True)`` maps the normalised coordinate ``u`` to the pixel
 coordinate ``(u + 1) * (W - 1) / 2``, which is exactly the bilinear-with-zero-padding rule
@@ -45,8 +49,8 @@ __all__ = ["deform_conv2d"]
 # Target size of one chunk of the im2col matrix, in bytes of the sampling dtype. Chunks keep the
 # peak memory independent of the frame size (a few MiB over the output at any size) and keep
 # the matrix in the L3 cache between the sampler writing it, the mask multiply and the GEMM
-# reading it. Measured on 2 Zen 4 cores at 180x320: 4-16 MiB are equally fast on an idle
-# machine and 64 MiB is ~1.5x slower; when other processes compete for the cores, every
+# reading it. Measured on 2 Zen 4 cores at 180x320: 4-16 MiB are equally fast on a lightly
+# loaded machine and 64 MiB is ~1.5x slower; when other processes compete for the cores, every
 # parallel region waits for descheduled OpenMP threads, so fewer, larger chunks degrade less
 # (8 MiB was 1.5-2x slower than 16 MiB there). Hence 16 MiB.
 _CHUNK_BYTES = 16 << 20
