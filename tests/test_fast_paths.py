@@ -1,0 +1,182 @@
+"""Every CPU fast path equals the plain path, within a stated tolerance.
+
+Fast paths: fused conv epilogues (``conv_act``), channels_last, bf16 weights, the prepared
+models (:func:`vsrkit.accel.prepare_for_inference`), the engine's batched SPyNet calls and the
+custom deformable convolution (its op-level tests are in ``test_deform_conv.py``). Tiny models
+on small frames; no timings are asserted (the speed is measured by ``benchmarks/speed.py``).
+
+Tolerances: fp32 fast paths reorder nothing but oneDNN's own kernel choice (NHWC against NCHW
+blocking), so they stay within 1e-5 of the plain output; bf16 keeps 8 mantissa bits, so bf16
+paths are judged by PSNR (> 50 dB on [0, 1] outputs) against fp32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import vsrkit
+from vsrkit.accel import prepare_for_inference, prepared_precision
+from vsrkit.engine import Upscaler
+from vsrkit.models import basicvsr_pp, edvr
+from vsrkit.models.blocks import _FUSED_CONV, conv_act
+from vsrkit.ops.deform_conv import deform_conv2d
+
+ARCHS = ["basicvsr", "iconvsr", "basicvsr_pp"]
+
+
+def tiny(arch: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = {"mid_channels": 16, "num_blocks": 2}
+    if arch == "iconvsr":
+        config["edvr_channels"] = 8
+    model = vsrkit.create_model(arch, **config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # Non-zero offset convs, so the deformable alignment really deforms.
+            p.add_(torch.randn_like(p) * (0.02 if "conv_offset" in name else 0.01))
+    return model
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (a.float().clamp(0, 1) - b.float().clamp(0, 1)).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+
+
+@pytest.fixture(scope="module")
+def clip() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    # Smooth random frames with a small shift between frames: flows are non-trivial.
+    base = torch.nn.functional.interpolate(torch.rand(1, 3, 20, 24, generator=gen), size=(72, 88))
+    return torch.stack([base[..., i : i + 64, 2 * i : 2 * i + 80] for i in range(5)], dim=1)
+
+
+@pytest.mark.skipif(_FUSED_CONV is None, reason="this torch build has no oneDNN fused conv")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("act", "residual"), [(None, False), ("relu", False), ("leaky_relu", False), (None, True)]
+)
+def test_fused_conv_epilogue_equals_conv_then_op(dtype, act, residual):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, 1, 1).to(dtype, memory_format=torch.channels_last).eval()
+    x = torch.randn(2, 16, 11, 13).to(dtype)
+    res = torch.randn(2, 16, 11, 13).to(dtype) if residual else None
+    with torch.no_grad():
+        plain = conv_act(conv, x, act, 0.1, res)
+        conv._vsrkit_fuse = True
+        fused = conv_act(conv, x, act, 0.1, res)
+    assert fused.dtype == plain.dtype
+    assert fused.is_contiguous(memory_format=torch.channels_last)
+    tol = 0 if dtype == torch.float32 else 0.02  # bf16: the fused sum is rounded once, not twice
+    assert (fused.float() - plain.float()).abs().max().item() <= tol
+
+
+def test_fused_path_is_not_taken_under_autograd():
+    conv = nn.Conv2d(4, 4, 3, 1, 1)
+    conv._vsrkit_fuse = True
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    conv_act(conv, x, "relu").sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prepared_fp32_equals_plain(arch, clip):
+    model = tiny(arch)
+    with torch.inference_mode():
+        plain = model(clip)
+        fast = prepare_for_inference(model, "cpu", "fp32")(clip)
+    diff = (fast - plain).abs().max().item()
+    print(f"{arch}: prepared fp32 (channels_last, fused) vs plain: max |diff| {diff:.2e}")
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("arch", "spynet_precision"),
+    [("basicvsr", "same"), ("basicvsr", "fp32"), ("iconvsr", "same"), ("basicvsr_pp", "same")],
+)
+def test_prepared_bf16_is_close_to_fp32(arch, spynet_precision, clip):
+    model = tiny(arch)
+    prepared = prepare_for_inference(model, "cpu", "bf16", spynet_precision=spynet_precision)
+    with torch.inference_mode():
+        plain = model(clip)
+        fast = prepared(clip)
+    assert fast.dtype == torch.float32  # the ×4 tail's residual sum is fp32
+    quality = psnr(fast, plain)
+    print(f"{arch} bf16 (SPyNet {spynet_precision}): {quality:.1f} dB against fp32")
+    assert quality > 50
+
+
+def test_preparation_keeps_the_original_and_the_key_layout():
+    model = tiny("basicvsr_pp")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prepared = prepare_for_inference(model, "cpu", "bf16")
+    assert prepared is not model
+    assert prepared.state_dict().keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():  # the caller's model is untouched
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    assert model.upconv1.weight.is_contiguous()
+    assert prepared.upconv1.weight.dtype == torch.bfloat16
+    assert prepared.upconv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert prepared.deform_align["forward_1"].weight.dtype == torch.bfloat16
+    # SPyNet: bf16 conv stacks, fp32 normalisation buffers.
+    assert prepared.spynet.basic_module[0].basic_module[0].weight.dtype == torch.bfloat16
+    assert prepared.spynet.mean.dtype == torch.float32
+    keep = prepare_for_inference(model, "cpu", "bf16", spynet_precision="fp32")
+    assert keep.spynet.basic_module[0].basic_module[0].weight.dtype == torch.float32
+    assert prepared_precision(prepared) == "bf16"
+
+
+def test_non_cpu_devices_are_left_alone():
+    """Nothing CPU-specific reaches other devices: no dtype change, no NHWC, no fused ops."""
+    model = tiny("basicvsr")
+    prepared = prepare_for_inference(model, "meta", "bf16")
+    assert prepared_precision(prepared) is None
+    assert all(p.dtype == torch.float32 for p in prepared.parameters())
+    assert not any(getattr(m, "_vsrkit_fuse", False) for m in prepared.modules())
+    assert prepared.upconv1.weight.is_contiguous()
+
+
+def test_engine_prepares_bf16_weights_instead_of_autocast(clip):
+    model = tiny("basicvsr")
+    engine = Upscaler(model, device="cpu", precision="bf16")
+    assert engine.model is not model
+    assert engine.model.forward_trunk.main[0].weight.dtype == torch.bfloat16
+    assert model.forward_trunk.main[0].weight.dtype == torch.float32
+    assert not torch.is_autocast_enabled("cpu")
+    with engine._autocast():
+        assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("arch", ["basicvsr"])
+def test_engine_batched_flows_equal_one_pair_at_a_time(arch, clip):
+    frames = [(f.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy() for f in clip[0]]
+    model = tiny(arch)
+    one = torch.cat(list(Upscaler(model, device="cpu", flow_batch=1).run_tensors(iter(frames))))
+    batched = torch.cat(list(Upscaler(model, device="cpu", flow_batch=3).run_tensors(iter(frames))))
+    diff = (one - batched).abs().max().item()
+    print(f"{arch}: flow_batch 3 vs 1: max |diff| {diff:.2e}")
+    assert diff <= 1e-5
+
+
+def test_models_use_the_fast_deformable_conv():
+    assert basicvsr_pp.deform_conv2d is deform_conv2d
+    assert edvr.deform_conv2d is deform_conv2d
+
+
+def test_fast_deformable_conv_bf16_channels_last_is_close_to_fp32():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 32, 12, 14, generator=gen)
+    offset = torch.randn(1, 2 * 8 * 9, 12, 14, generator=gen) * 2
+    mask = torch.rand(1, 8 * 9, 12, 14, generator=gen)
+    weight = torch.randn(16, 32, 3, 3, generator=gen) * 0.1
+    bias = torch.randn(16, generator=gen)
+    ref = deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)
+    x_fast = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w_fast, b_fast = weight.to(torch.bfloat16), bias.to(torch.bfloat16)
+    out = deform_conv2d(x_fast, offset, w_fast, b_fast, padding=1, mask=mask)
+    assert out.dtype == torch.bfloat16
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    assert rel < 1e-2
