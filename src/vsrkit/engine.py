@@ -407,7 +407,10 @@ class Upscaler:
                     flow = None
                     if lq_next is not None:
                         flow = backward_flows[i][ti]
-                        spill.put(f"flow_{i}_{ti}", flow)
+                        if i >= k:
+                            # Only segments after the first are recomputed in pass 2: short
+                            # clips write no flows at all.
+                            spill.put(f"flow_{i}_{ti}", flow)
                     neighbour = tile.crop(lq_next) if (image_alignment and lq_next is not None) else None
                     feats[ti] = backward_step(lq_t, feats[ti], flow, refill(i, ti, lq_at), neighbour)
                     if i < k:
