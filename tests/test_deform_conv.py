@@ -11,20 +11,43 @@ Tolerances:
 * bfloat16 (and autocast bfloat16): 2e-2 * max|reference| (bf16 has 8 significant bits; the
   measured figure is ~4e-3).
 
+Every test runs twice: with the native C sampler (``vsrkit.ops.native``, used without autograd
+when it builds) and with the pure-PyTorch path (``VSRKIT_NATIVE=0``).
+
 Run with ``-s`` to see the max|diff| figures.
 """
 
 from __future__ import annotations
+
+import os
+import shutil
 
 import pytest
 import torch
 from torchvision.ops import deform_conv2d as tv_deform_conv2d
 
 import vsrkit.ops.deform_conv as dc
-from vsrkit.ops.deform_conv import deform_conv2d
+from vsrkit.ops import native
+from vsrkit.ops.deform_conv import deform_conv2d, deform_conv2d_from_logits
 
 FP32_REL = 1e-5
 BF16_REL = 2e-2
+
+
+@pytest.fixture(autouse=True, params=["native", "pytorch"])
+def sampler(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "pytorch":
+        monkeypatch.setenv("VSRKIT_NATIVE", "0")
+    elif native.library() is None:
+        pytest.skip(f"native kernel unavailable: {native.unavailable_reason}")
+    return request.param
+
+
+def test_native_kernel_builds_where_there_is_a_compiler(sampler: str) -> None:
+    if sampler == "pytorch":
+        assert native.library() is None
+    elif shutil.which(os.environ.get("CC", "cc")):
+        assert native.library() is not None, native.unavailable_reason
 
 
 def _inputs(
@@ -273,14 +296,75 @@ def test_autocast_bfloat16_forward_and_backward() -> None:
         assert torch.isfinite(leaf.grad).all(), key
 
 
-def test_no_grad_and_autograd_paths_agree() -> None:
+def test_no_grad_and_autograd_paths_agree(sampler: str) -> None:
     a = _inputs(2, 16, 8, 4, 9, 11)
     with torch.no_grad():
         fast = _ours(a)
     a["offset"].requires_grad_()
     slow = _ours(a)
     assert slow.requires_grad
-    torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=1e-6)
+    if sampler == "pytorch":
+        # The same sampling code with and without autograd.
+        torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=1e-6)
+    else:
+        # C samples in pixel coordinates, grid_sample in normalised ones.
+        assert _rel_diff("native vs autograd path", fast, slow.detach()) <= FP32_REL
+
+
+def _from_logits_reference(x, logits, weight, bias, offset_scale, flows):
+    """The models' offset and mask computation written out, then torchvision."""
+    o1, o2, mask = torch.chunk(logits.float(), 3, dim=1)
+    offset = torch.cat((o1, o2), dim=1)
+    if offset_scale is not None:
+        offset = offset_scale * torch.tanh(offset)
+    if flows:
+        halves = torch.chunk(offset, len(flows), dim=1)
+        offset = torch.cat(
+            [h + f.flip(1).repeat(1, h.size(1) // 2, 1, 1) for h, f in zip(halves, flows, strict=True)], dim=1
+        )
+    return tv_deform_conv2d(
+        x.float(), offset, weight.float(), bias.float(), padding=1, mask=torch.sigmoid(mask)
+    )
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["basicvsr_pp_nhwc", "basicvsr_pp_nchw_batch2", "edvr_one_flow", "edvr_raw", "basicvsr_pp_bf16"],
+)
+def test_from_logits_matches_the_written_out_composition(case: str) -> None:
+    """``deform_conv2d_from_logits`` = offsets (scaled tanh + flows) and sigmoid mask, then DCN."""
+    gen = torch.Generator().manual_seed(7)
+    n, groups, c = (2, 16, 8) if "batch2" in case else (1, 16 if "basicvsr_pp" in case else 8, 8)
+    h, w = 14, 19
+    x = torch.randn(n, groups * c, h, w, generator=gen)
+    logits = torch.randn(n, 27 * groups, h, w, generator=gen) * 2
+    weight = torch.randn(12, groups * c, 3, 3, generator=gen) / (groups * c * 9) ** 0.5
+    bias = torch.randn(12, generator=gen)
+    scale = 10.0 if "basicvsr_pp" in case else None
+    flows: tuple[torch.Tensor, ...] = ()
+    if "basicvsr_pp" in case:
+        flows = (torch.randn(n, 2, h, w, generator=gen) * 4, torch.randn(n, 2, h, w, generator=gen) * 4)
+    elif "one_flow" in case:
+        flows = (torch.randn(n, 2, h, w, generator=gen) * 4,)
+    ref = _from_logits_reference(x, logits, weight, bias, scale, flows)
+    if "nhwc" in case or "bf16" in case:
+        x = x.contiguous(memory_format=torch.channels_last)
+        logits = logits.contiguous(memory_format=torch.channels_last)
+    if "bf16" in case:
+        x, logits, weight, bias = (t.bfloat16() for t in (x, logits, weight, bias))
+    with torch.no_grad():
+        out = deform_conv2d_from_logits(x, logits, weight, bias, offset_scale=scale, flows=flows)
+    assert out.dtype == x.dtype
+    assert out.is_contiguous(memory_format=torch.channels_last) == ("nhwc" in case or "bf16" in case)
+    assert _rel_diff(case, out, ref) <= (BF16_REL if "bf16" in case else FP32_REL)
+    # With autograd: the plain composition, same result.
+    leaf = logits.detach().float().requires_grad_()
+    slow = deform_conv2d_from_logits(
+        x.float(), leaf, weight.float(), bias.float(), offset_scale=scale, flows=flows
+    )
+    slow.sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+    assert _rel_diff(case + " autograd", slow.detach(), ref) <= (BF16_REL if "bf16" in case else FP32_REL)
 
 
 def test_bad_shapes_are_rejected() -> None:

@@ -20,8 +20,8 @@ from torch import nn
 import vsrkit
 from vsrkit.accel import prepare_for_inference, prepared_precision
 from vsrkit.engine import Upscaler
-from vsrkit.models import basicvsr_pp, edvr
 from vsrkit.models.blocks import _FUSED_CONV, conv_act
+from vsrkit.ops import native
 from vsrkit.ops.deform_conv import deform_conv2d
 
 ARCHS = ["basicvsr", "iconvsr", "basicvsr_pp"]
@@ -160,9 +160,30 @@ def test_engine_batched_flows_equal_one_pair_at_a_time(arch, clip):
     assert diff <= 1e-5
 
 
-def test_models_use_the_fast_deformable_conv():
-    assert basicvsr_pp.deform_conv2d is deform_conv2d
-    assert edvr.deform_conv2d is deform_conv2d
+@pytest.mark.parametrize("arch", ["iconvsr", "basicvsr_pp"])
+def test_models_use_the_fast_deformable_conv_on_the_cpu(arch, clip, monkeypatch):
+    """No call reaches torchvision's slow CPU kernel; the native sampler runs where it builds."""
+    import torchvision.ops
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torchvision.ops.deform_conv2d called on the CPU")
+
+    monkeypatch.setattr(torchvision.ops, "deform_conv2d", forbidden)
+    calls = []
+    lib = native.library()
+    if lib is not None:
+        real = lib.vsrkit_dcn_im2col
+
+        class Counting:
+            def __call__(self, *args):
+                calls.append(args)
+                return real(*args)
+
+        monkeypatch.setattr(lib, "vsrkit_dcn_im2col", Counting())
+    with torch.no_grad():
+        out = prepare_for_inference(tiny(arch), "cpu", "fp32")(clip)
+    assert torch.isfinite(out).all()
+    assert (len(calls) > 0) == (lib is not None)
 
 
 def test_fast_deformable_conv_bf16_channels_last_is_close_to_fp32():

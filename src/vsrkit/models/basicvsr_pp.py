@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops.deform_conv import deform_conv2d
+from ..ops.deform_conv import deform_conv2d_from_logits
 from ..ops.warp import flow_warp
 from .basicvsr import pairwise_flows
 from .blocks import ConvResidualBlocks, add_upsample_tail, conv3x3, conv_act, run_upsample_tail
@@ -62,15 +62,18 @@ class SecondOrderDeformableAlignment(nn.Module):
         for conv in convs[:-1]:
             out = conv_act(conv, out, "leaky_relu", 0.1)
         out = conv_act(convs[-1], out)
-        o1, o2, mask = torch.chunk(out, 3, dim=1)
-        offset = self.max_residue_magnitude * torch.tanh(torch.cat((o1, o2), dim=1)).float()
-        offset_1, offset_2 = torch.chunk(offset, 2, dim=1)
-        # DCN offsets are (dy, dx) pairs, flows (dx, dy). The first half of the deform groups
-        # reads the previous frame's state (flow_1), the second half the one before (flow_2).
-        offset_1 = offset_1 + flow_1.float().flip(1).repeat(1, offset_1.size(1) // 2, 1, 1)
-        offset_2 = offset_2 + flow_2.float().flip(1).repeat(1, offset_2.size(1) // 2, 1, 1)
-        offset = torch.cat([offset_1, offset_2], dim=1)
-        return deform_conv2d(x, offset, self.weight, self.bias, padding=1, mask=torch.sigmoid(mask))
+        # offset = max_residue_magnitude * tanh(the first two thirds of out) + the flows as
+        # (dy, dx), flow_1 for the first half of the deform groups (the previous frame's state),
+        # flow_2 for the second; mask = sigmoid(the last third).
+        return deform_conv2d_from_logits(
+            x,
+            out,
+            self.weight,
+            self.bias,
+            padding=1,
+            offset_scale=self.max_residue_magnitude,
+            flows=(flow_1, flow_2),
+        )
 
 
 class BasicVSRPlusPlus(nn.Module):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops.deform_conv import deform_conv2d
+from ..ops.deform_conv import deform_conv2d_from_logits
 from .blocks import ResidualBlockNoBN, conv3x3
 
 
@@ -40,9 +40,8 @@ class DCNv2Pack(nn.Module):
         nn.init.zeros_(self.conv_offset.bias)
 
     def forward(self, x: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
-        o1, o2, mask = torch.chunk(self.conv_offset(feat), 3, dim=1)
-        offset = torch.cat((o1, o2), dim=1)
-        return deform_conv2d(x, offset, self.weight, self.bias, padding=1, mask=torch.sigmoid(mask))
+        # offset = the first two thirds of conv_offset(feat), mask = sigmoid(the last third).
+        return deform_conv2d_from_logits(x, self.conv_offset(feat), self.weight, self.bias, padding=1)
 
 
 class PCDAlignment(nn.Module):

@@ -45,7 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["deform_conv2d"]
+from . import native
+
+__all__ = ["deform_conv2d", "deform_conv2d_from_logits"]
 
 # Target size of one chunk of the im2col matrix, in bytes of the sampling dtype. Chunks keep the
 # peak memory independent of the frame size (a few MiB over the output at any size) and keep
@@ -217,6 +219,11 @@ def _deform_conv2d_cpu(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, offset, weight, bias, mask)
     )
+    if not needs_grad and _native_usable(dtype, wgroups):
+        out = _forward_native(
+            input, offset, mask, weight, bias, stride, padding, dilation, groups, dtype, (ho, wo)
+        )
+        return out if channels_last else out.contiguous()
 
     with torch.autocast("cpu", enabled=False):
         x = input.to(sdtype)
@@ -364,4 +371,193 @@ def _forward_autograd(
     out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def deform_conv2d_from_logits(
+    input: Tensor,
+    logits: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    padding: int = 1,
+    offset_scale: float | None = None,
+    flows: tuple[Tensor, ...] = (),
+) -> Tensor:
+    """A modulated deformable conv whose offsets and mask come from the logits of a conv.
+
+    ``logits`` is ``(N, 3*G*kh*kw, Ho, Wo)``: its first ``2*G*kh*kw`` channels are the offsets
+    (in :func:`deform_conv2d`'s layout), the rest the mask logits. This computes, exactly as
+    EDVR's DCNv2Pack and BasicVSR++'s second-order alignment write it::
+
+        offset = logits[:, :2GK]                        # or offset_scale * tanh(...)
+        offset += flow (as (dy, dx), repeated per group and kernel position)
+        mask = sigmoid(logits[:, 2GK:])
+        deform_conv2d(input, offset.float(), weight, bias, padding=padding, mask=mask)
+
+    ``flows`` holds zero, one or two ``(N, 2, Ho, Wo)`` flows (dx, dy in pixels); with two,
+    the first half of the offset groups follows the first flow and the second half the
+    second (BasicVSR++: the state one frame back and the one two frames back).
+
+    Stride and dilation are 1. On the CPU without autograd, and where the native kernel is
+    available (:mod:`vsrkit.ops.native`), the transforms are fused into the sampling; the
+    result is the same to float32 rounding.
+    """
+    if len(flows) > 2:
+        raise ValueError(f"at most two flows, got {len(flows)}")
+    dtype = _compute_dtype(input) if input.device.type == "cpu" else input.dtype
+    k = weight.shape[2] * weight.shape[3]
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (input, logits, weight, *flows, *(() if bias is None else (bias,)))
+    )
+    if (
+        input.device.type == "cpu"
+        and not needs_grad
+        and input.dim() == 4
+        and logits.dim() == 4
+        and weight.dim() == 4
+        and logits.shape[1] % (3 * k) == 0
+        and input.shape[1] % weight.shape[1] == 0
+        and _native_usable(dtype, input.shape[1] // weight.shape[1])
+    ):
+        groups = logits.shape[1] // (3 * k)
+        ho, wo = logits.shape[-2:]
+        pad = _pair(padding, "padding")
+        offset = logits[:, : 2 * groups * k]
+        mask = logits[:, 2 * groups * k :]
+        _check_shapes(input, offset, weight, bias, mask, (ho, wo))
+        expected_in = (ho + 2 * pad[0] - weight.shape[2] + 1, wo + 2 * pad[1] - weight.shape[3] + 1)
+        if tuple(input.shape[-2:]) == expected_in:
+            out = _forward_native(
+                input,
+                offset,
+                mask,
+                weight,
+                bias,
+                (1, 1),
+                pad,
+                (1, 1),
+                groups,
+                dtype,
+                (ho, wo),
+                offset_scale=offset_scale,
+                mask_logits=True,
+                flows=flows,
+            )
+            return out if input.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+    offset, mask_logits = torch.split(logits, [logits.shape[1] * 2 // 3, logits.shape[1] // 3], dim=1)
+    if offset_scale is not None:
+        offset = offset_scale * torch.tanh(offset)
+    offset = offset.float()
+    if flows:
+        parts = torch.chunk(offset, len(flows), dim=1)
+        offset = torch.cat(
+            [
+                part + flow.float().flip(1).repeat(1, part.size(1) // 2, 1, 1)
+                for part, flow in zip(parts, flows, strict=True)
+            ],
+            dim=1,
+        )
+    return deform_conv2d(input, offset, weight, bias, padding=padding, mask=torch.sigmoid(mask_logits))
+
+
+# Native path ------------------------------------------------------------------------------
+
+_NATIVE_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _native_usable(dtype: torch.dtype, weight_groups: int) -> bool:
+    return dtype in _NATIVE_DTYPES and weight_groups == 1 and native.library() is not None
+
+
+def _pixel_strides(t: Tensor) -> tuple[Tensor, int, int]:
+    """``t`` (N, C, H, W) as a tensor whose pixel ``p = h*W + w`` sits at ``p * ps``: (t, ps, cs)."""
+    if t.stride(2) != t.shape[3] * t.stride(3) and t.shape[2] > 1:
+        t = t.contiguous()
+    return t, t.stride(3), t.stride(1)
+
+
+def _native_operand(t: Tensor) -> Tensor:
+    return t if t.dtype in _NATIVE_DTYPES else t.float()
+
+
+def _forward_native(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    dtype: torch.dtype,
+    out_hw: tuple[int, int],
+    *,
+    offset_scale: float | None = None,
+    mask_logits: bool = False,
+    flows: tuple[Tensor, ...] = (),
+) -> Tensor:
+    """C im2col (:mod:`vsrkit.ops.native`) a chunk of rows at a time, then one GEMM per chunk.
+
+    Returns a channels_last ``(N, Cout, Ho, Wo)`` tensor of ``dtype``.
+    """
+    lib = native.library()
+    assert lib is not None
+    n, cin, h, w = input.shape
+    cout, _, kh, kw = weight.shape
+    ho, wo = out_hw
+    k = kh * kw
+    cg = cin // groups
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        # The sampler reads channels-last pixels: a group's channels are one short vector.
+        x = _native_operand(input).contiguous(memory_format=torch.channels_last)
+        off, off_ps, off_cs = _pixel_strides(_native_operand(offset))
+        if mask is not None:
+            msk, msk_ps, msk_cs = _pixel_strides(_native_operand(mask))
+        flow_ts = [_pixel_strides(f.float())[0] for f in flows]
+        if flow_ts:
+            flow_ts = [f.contiguous() for f in flow_ts]
+            flow_ps, flow_cs = flow_ts[0].stride(3), flow_ts[0].stride(1)
+        # The im2col columns are ordered (group, kernel position, channel): permute the weight.
+        wmat = weight.to(dtype).reshape(cout, groups, cg, k).permute(0, 1, 3, 2).reshape(cout, k * cin).t()
+        b = None if bias is None else bias.to(dtype)
+        out = torch.empty((n, cout, ho, wo), dtype=dtype).contiguous(memory_format=torch.channels_last)
+        esize = torch.finfo(dtype).bits // 8
+        rows = max(1, min(ho, _CHUNK_BYTES // max(1, wo * k * cin * esize)))
+        cols = torch.empty((rows * wo, k * cin), dtype=dtype)
+        fn = lib.vsrkit_dcn_im2col
+        # Arguments of the C function that stay the same for every call (see dcn_im2col.c).
+        geometry = (groups, kh, kw, *stride, *padding, *dilation, wo)
+        transform = (float(offset_scale or 0.0), int(mask_logits))
+        for i in range(n):
+            out_rows = out[i].permute(1, 2, 0).reshape(ho * wo, cout)
+            operands = (
+                (x[i].data_ptr(), _NATIVE_DTYPES[x.dtype], h, w, cin)
+                + (off[i].data_ptr(), _NATIVE_DTYPES[off.dtype], off_ps, off_cs)
+                + (
+                    (None, 0, 0, 0)
+                    if mask is None
+                    else (msk[i].data_ptr(), _NATIVE_DTYPES[msk.dtype], msk_ps, msk_cs)
+                )
+                + transform
+                + (
+                    flow_ts[0][i].data_ptr() if flow_ts else None,
+                    flow_ts[1][i].data_ptr() if len(flow_ts) > 1 else None,
+                    flow_ps if flow_ts else 0,
+                    flow_cs if flow_ts else 0,
+                )
+                + geometry
+            )
+            for r0 in range(0, ho, rows):
+                r1 = min(ho, r0 + rows)
+                chunk = cols[: (r1 - r0) * wo]
+                status = fn(*operands, r0, r1, chunk.data_ptr(), _NATIVE_DTYPES[dtype])
+                if status != 0:
+                    raise MemoryError("deform_conv2d: the native sampler could not allocate its row buffers")
+                dst_rows = out_rows[r0 * wo : r1 * wo]
+                if b is None:
+                    torch.mm(chunk, wmat, out=dst_rows)
+                else:
+                    torch.addmm(b, chunk, wmat, out=dst_rows)
     return out
