@@ -12,15 +12,18 @@ paths are judged by PSNR (> 50 dB on [0, 1] outputs) against fp32.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import vsrkit
 from vsrkit.accel import prepare_for_inference, prepared_precision
 from vsrkit.engine import Upscaler
-from vsrkit.models.blocks import _FUSED_CONV, conv_act
+from vsrkit.models.blocks import _FUSED_CONV, conv_act, pixel_shuffle2, reorder_for_subpixel_last
 from vsrkit.ops import native
 from vsrkit.ops.deform_conv import deform_conv2d
 
@@ -201,3 +204,25 @@ def test_fast_deformable_conv_bf16_channels_last_is_close_to_fp32():
     assert out.is_contiguous(memory_format=torch.channels_last)
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     assert rel < 1e-2
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_subpixel_channel_reorder_gives_the_same_pixel_shuffle(channels_last):
+    """A prepared tail's (i, j, c)-ordered sub-pixel conv + pixel_shuffle2 == conv + F.pixel_shuffle."""
+    gen = torch.Generator().manual_seed(3)
+    conv = nn.Conv2d(8, 4 * 6, 3, 1, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
+        conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen))
+    x = torch.randn(2, 8, 5, 7, generator=gen)
+    expected = F.pixel_shuffle(conv(x), 2)
+    reordered = copy.deepcopy(conv)
+    if channels_last:
+        reordered = reordered.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    reorder_for_subpixel_last(reordered)
+    assert not torch.equal(reordered.weight, conv.weight)
+    assert pixel_shuffle2(conv, conv(x)).equal(F.pixel_shuffle(conv(x), 2))  # unmarked: plain op
+    out = pixel_shuffle2(reordered, reordered(x))
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)

@@ -26,8 +26,13 @@
 * **CUDA and other devices: unchanged** (the model is moved and put in eval mode); the engine
   keeps using autocast there, so nothing here can slow the GPU path.
 
-The prepared copy has the same ``state_dict`` keys; its tensors are bf16 after a bf16
-preparation, so save checkpoints from the original model.
+* **CPU: sub-pixel convs in (i, j, c) channel order** so that the ×2 pixel shuffles of the
+  tail move contiguous runs of channels (see
+  :func:`vsrkit.models.blocks.reorder_for_subpixel_last`).
+
+The prepared copy has the same ``state_dict`` keys, but its tensors are bf16 after a bf16
+preparation and its ``upconv1``/``upconv2`` channels are reordered: save checkpoints from the
+original model.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import copy
 import torch
 from torch import nn
 
-from .models.blocks import _FUSED_CONV
+from .models.blocks import _FUSED_CONV, reorder_for_subpixel_last
 
 CPU_PRECISIONS = ("fp32", "bf16")
 
@@ -101,6 +106,12 @@ def prepare_for_inference(
         model.to(memory_format=torch.channels_last)
     if channels_last and fuse:
         _mark_fusable(model)
+    if channels_last:
+        for module in model.modules():
+            for name in ("upconv1", "upconv2"):
+                conv = getattr(module, name, None)
+                if isinstance(conv, nn.Conv2d) and not getattr(conv, "_vsrkit_subpixel_last", False):
+                    reorder_for_subpixel_last(conv)
     if precision == "bf16":
         for name, child in model.named_children():
             if name == "spynet":
