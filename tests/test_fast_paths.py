@@ -226,3 +226,13 @@ def test_subpixel_channel_reorder_gives_the_same_pixel_shuffle(channels_last):
     out = pixel_shuffle2(reordered, reordered(x))
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def test_keep_freed_memory_takes_effect_on_glibc():
+    import platform
+
+    from vsrkit.accel import keep_freed_memory
+
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is expected
+    assert keep_freed_memory() is expected  # idempotent

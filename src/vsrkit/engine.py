@@ -30,7 +30,9 @@ blended with linear ramps across the overlaps, so there are no seams.
 weights instead of autocast; warping grids, sampling, flow sums and the output stay fp32).
 On CUDA, ``bf16`` or ``fp16`` autocast runs the networks' convs and SPyNet stays fp32. Flows
 are computed for up to ``flow_batch`` frame pairs in one SPyNet call: its small 7×7 convs and
-coarse pyramid levels use the cores poorly one pair at a time.
+coarse pyramid levels use the cores poorly one pair at a time. CPU runs also tell glibc's
+malloc to keep freed memory for reuse (:func:`vsrkit.accel.keep_freed_memory`;
+``keep_freed_memory=False`` leaves the allocator alone).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .accel import prepare_for_inference, prepared_precision
+from .accel import keep_freed_memory, prepare_for_inference, prepared_precision
 from .errors import VsrkitError
 from .models.iconvsr import pad_to_multiple
 
@@ -88,6 +90,7 @@ class EngineOptions:
     window_overlap: int = 8
     tmp_dir: str | None = None
     flow_batch: int = 4
+    keep_freed_memory: bool = True
 
 
 # -- temporary storage ----------------------------------------------------------------------
@@ -248,6 +251,8 @@ class Upscaler:
         if self.device.type == "cpu":
             # A prepared copy: the caller's model keeps its dtype and memory format.
             self.model = prepare_for_inference(model, self.device, self.options.precision)
+            if self.options.keep_freed_memory:
+                keep_freed_memory()
         else:
             self.model = model.to(self.device).eval()
         self.arch = getattr(model, "arch", None) or {
