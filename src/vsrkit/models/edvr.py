@@ -12,11 +12,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..ops.deform_conv import deform_conv2d_from_logits
-from .blocks import ResidualBlockNoBN, conv3x3
+from .blocks import ResidualBlockNoBN, conv3x3, conv_act
 
 
 def _lrelu(x: torch.Tensor) -> torch.Tensor:
     return F.leaky_relu(x, 0.1)
+
+
+def _conv_lrelu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``leaky_relu(conv(x), 0.1)``, fused into the conv on prepared CPU models."""
+    return conv_act(conv, x, "leaky_relu", 0.1)
 
 
 def _upsample2(x: torch.Tensor) -> torch.Tensor:
@@ -72,12 +77,13 @@ class PCDAlignment(nn.Module):
         up_offset = up_feat = None
         for i in (3, 2, 1):
             level = f"l{i}"
-            offset = _lrelu(self.offset_conv1[level](torch.cat([neighbour[i - 1], reference[i - 1]], dim=1)))
+            pair = torch.cat([neighbour[i - 1], reference[i - 1]], dim=1)
+            offset = _conv_lrelu(self.offset_conv1[level], pair)
             if i == 3:
-                offset = _lrelu(self.offset_conv2[level](offset))
+                offset = _conv_lrelu(self.offset_conv2[level], offset)
             else:
-                offset = _lrelu(self.offset_conv2[level](torch.cat([offset, up_offset], dim=1)))
-                offset = _lrelu(self.offset_conv3[level](offset))
+                offset = _conv_lrelu(self.offset_conv2[level], torch.cat([offset, up_offset], dim=1))
+                offset = _conv_lrelu(self.offset_conv3[level], offset)
             feat = self.dcn_pack[level](neighbour[i - 1], offset)
             if i < 3:
                 feat = self.feat_conv[level](torch.cat([feat, up_feat], dim=1))
@@ -86,8 +92,8 @@ class PCDAlignment(nn.Module):
                 # Offsets are in pixels of their level: doubling the resolution doubles them.
                 up_offset = _upsample2(offset) * 2
                 up_feat = _upsample2(feat)
-        offset = _lrelu(self.cas_offset_conv1(torch.cat([feat, reference[0]], dim=1)))
-        offset = _lrelu(self.cas_offset_conv2(offset))
+        offset = _conv_lrelu(self.cas_offset_conv1, torch.cat([feat, reference[0]], dim=1))
+        offset = _conv_lrelu(self.cas_offset_conv2, offset)
         return _lrelu(self.cas_dcnpack(feat, offset))
 
 
@@ -123,16 +129,16 @@ class TSAFusion(nn.Module):
         corr = torch.sigmoid((embedding * embedding_ref.unsqueeze(1)).sum(dim=2))  # (N, T, H, W)
         weighted = (aligned * corr.unsqueeze(2)).reshape(n, t * c, h, w)
 
-        feat = _lrelu(self.feat_fusion(weighted))
-        attn = _lrelu(self.spatial_attn1(weighted))
-        attn = _lrelu(self.spatial_attn2(self._pool(attn)))
-        attn_level = _lrelu(self.spatial_attn_l1(attn))
-        attn_level = _lrelu(self.spatial_attn_l2(self._pool(attn_level)))
-        attn_level = _upsample2(_lrelu(self.spatial_attn_l3(attn_level)))
-        attn = _lrelu(self.spatial_attn3(attn)) + attn_level
-        attn = _upsample2(_lrelu(self.spatial_attn4(attn)))
+        feat = _conv_lrelu(self.feat_fusion, weighted)
+        attn = _conv_lrelu(self.spatial_attn1, weighted)
+        attn = _conv_lrelu(self.spatial_attn2, self._pool(attn))
+        attn_level = _conv_lrelu(self.spatial_attn_l1, attn)
+        attn_level = _conv_lrelu(self.spatial_attn_l2, self._pool(attn_level))
+        attn_level = _upsample2(_conv_lrelu(self.spatial_attn_l3, attn_level))
+        attn = _conv_lrelu(self.spatial_attn3, attn) + attn_level
+        attn = _upsample2(_conv_lrelu(self.spatial_attn4, attn))
         attn = self.spatial_attn5(attn)
-        attn_add = self.spatial_attn_add2(_lrelu(self.spatial_attn_add1(attn)))
+        attn_add = self.spatial_attn_add2(_conv_lrelu(self.spatial_attn_add1, attn))
         return feat * torch.sigmoid(attn) * 2 + attn_add
 
 
@@ -156,9 +162,9 @@ class EDVRFeatureExtractor(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         n, t, c, h, w = frames.shape
-        l1 = self.feature_extraction(_lrelu(self.conv_first(frames.reshape(-1, c, h, w))))
-        l2 = _lrelu(self.conv_l2_2(_lrelu(self.conv_l2_1(l1))))
-        l3 = _lrelu(self.conv_l3_2(_lrelu(self.conv_l3_1(l2))))
+        l1 = self.feature_extraction(_conv_lrelu(self.conv_first, frames.reshape(-1, c, h, w)))
+        l2 = _conv_lrelu(self.conv_l2_2, _conv_lrelu(self.conv_l2_1, l1))
+        l3 = _conv_lrelu(self.conv_l3_2, _conv_lrelu(self.conv_l3_1, l2))
         pyramid = [level.view(n, t, *level.shape[1:]) for level in (l1, l2, l3)]
         reference = [level[:, self.center] for level in pyramid]
         aligned = [self.pcd_align([level[:, i] for level in pyramid], reference) for i in range(t)]
