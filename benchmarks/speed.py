@@ -1,6 +1,6 @@
 """CPU speed of vsrkit against the BasicSR 1.4.2 reference, on the same frames and weights.
 
-For each model and precision this times, in one process and interleaved round by round:
+For each model and precision this times, interleaved round by round:
 
 * ``ref``: BasicSR's own architecture (loaded by ``tests/reference_oracle.py``), plain fp32,
   ``model(lqs)`` on the whole clip — the baseline of every ratio;
@@ -9,6 +9,11 @@ For each model and precision this times, in one process and interleaved round by
 * ``engine``: vsrkit's user path, :func:`vsrkit.engine.upscale_frames` from uint8 frames to
   uint8 frames (spooling, model preparation and quantisation included);
 * ``forward`` (with ``--forward``): the prepared model's whole-clip ``model(lqs)``.
+
+The two sides run in two separate worker processes, as their users would run them: vsrkit's
+engine tells glibc's malloc to keep freed memory (:func:`vsrkit.accel.keep_freed_memory`),
+which would also speed up the reference if it ran in the same process. ``--ref-alloc`` adds
+``ref-alloc``: the reference run inside vsrkit's process, with that setting.
 
 Every timing is of the whole clip; the best of ``--reps`` rounds is reported, divided by the
 number of frames. The cores may be shared with other work: compare the ratios of one run, not
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import multiprocessing as mp
 import platform
 import sys
 import time
@@ -44,10 +50,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import vsrkit  # noqa: E402
 from reference_oracle import basicsr_arch, reference_basicvsrpp  # noqa: E402
-from vsrkit.accel import prepare_for_inference  # noqa: E402
+from vsrkit.accel import keep_freed_memory, prepare_for_inference  # noqa: E402
 from vsrkit.engine import upscale_frames  # noqa: E402
 
-DATA = Path("/work/shared/data/reds_lr_000")
+DATA = ROOT.parent / "shared" / "data" / "reds_lr_000"
 MODELS = ("basicvsr", "iconvsr", "basicvsr_pp")
 
 
@@ -139,6 +145,104 @@ def dense_conv_gflops(height: int, width: int, reps: int) -> dict[str, float]:
     return {name: flops / t / 1e9 for name, t in best.items()}
 
 
+def _build_runners(side: str, arch: str, opts: dict, lqs: torch.Tensor, frames: np.ndarray):
+    """This side's runners for ``arch`` (name → zero-argument callable returning uint8 frames)."""
+    torch.manual_seed(0)
+    ref = reference_model(arch).eval()
+    perturb(ref, seed=1)
+    runners: dict[str, Callable[[], np.ndarray]] = {}
+
+    def ref_run(model=ref) -> np.ndarray:
+        with torch.inference_mode():
+            return to_uint8(model(lqs))
+
+    if side == "reference":
+        runners["ref fp32"] = ref_run
+        if arch == "basicvsr" and "bf16" in opts["precisions"]:
+            tuned = copy.deepcopy(ref).to(memory_format=torch.channels_last)
+
+            def tuned_run(model=tuned) -> np.ndarray:
+                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                    return to_uint8(model(lqs))
+
+            runners["ref-tuned bf16"] = tuned_run
+        return runners, None
+    ours = vsrkit.create_model(arch)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ours.eval()
+    flops = clip_flops(ours, lqs) / len(frames)
+    if opts["ref_alloc"]:
+        runners["ref-alloc fp32"] = ref_run
+    for precision in opts["precisions"]:
+
+        def engine_run(precision=precision, model=ours) -> np.ndarray:
+            return np.stack(list(upscale_frames(iter(frames), model, device="cpu", precision=precision)))
+
+        runners[f"engine {precision}"] = engine_run
+        if opts["forward"]:
+            prepared = prepare_for_inference(ours, "cpu", precision)
+
+            def forward_run(model=prepared) -> np.ndarray:
+                with torch.inference_mode():
+                    return to_uint8(model(lqs))
+
+            runners[f"forward {precision}"] = forward_run
+    return runners, flops
+
+
+def _serve(conn, side: str, opts: dict) -> None:
+    """Worker process: builds one side's runners and times them on request."""
+    if opts["threads"]:
+        torch.set_num_threads(opts["threads"])
+    if side == "vsrkit":
+        keep_freed_memory()  # what the engine does on its first CPU run
+    height, width = opts["size"]
+    frames = load_frames(opts["frames"], height, width)
+    lqs = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div(255)[None].contiguous()
+    runners: dict[str, Callable[[], np.ndarray]] = {}
+    while True:
+        cmd, *rest = conn.recv()
+        try:
+            if cmd == "stop":
+                return
+            if cmd == "setup":
+                runners, flops = _build_runners(side, rest[0], opts, lqs, frames)
+                conn.send((list(runners), flops))
+            elif cmd == "run":
+                start = time.perf_counter()
+                out = runners[rest[0]]()
+                conn.send((time.perf_counter() - start, out))
+            elif cmd == "dense":
+                conn.send(dense_conv_gflops(height, width, rest[0]))
+        except Exception as e:  # noqa: BLE001 - reported by the parent
+            conn.send(e)
+
+
+class Worker:
+    """One side (``"reference"`` or ``"vsrkit"``) in its own process."""
+
+    def __init__(self, side: str, opts: dict) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child, side, opts), daemon=True)
+        self.process.start()
+
+    def call(self, *message):
+        self.conn.send(message)
+        reply = self.conn.recv()
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def stop(self) -> None:
+        self.conn.send(("stop",))
+        self.process.join(timeout=30)
+
+
+def _fmt_dense(dense: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.0f}" for k, v in dense.items()) + " GFLOP/s"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -149,99 +253,69 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--reps", type=int, default=2, help="timed rounds (the best is kept)")
     parser.add_argument("--forward", action="store_true", help="also time the prepared model's forward")
+    parser.add_argument(
+        "--ref-alloc", action="store_true", help="also time the reference inside vsrkit's process"
+    )
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     height, width = (int(v) for v in args.size.lower().split("x"))
+    opts = {
+        "frames": args.frames,
+        "size": (height, width),
+        "precisions": [p for p in args.precisions.split(",") if p],
+        "forward": args.forward,
+        "ref_alloc": args.ref_alloc,
+        "threads": args.threads,
+    }
     models = [m for m in args.models.split(",") if m]
-    precisions = [p for p in args.precisions.split(",") if p]
-    frames = load_frames(args.frames, height, width)
-    lqs = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div(255)[None].contiguous()
     t = args.frames
+    load_frames(t, height, width)  # fail early on missing data
 
     print(
         f"# vsrkit speed, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}"
     )
     print(f"# {' '.join(sys.argv)}")
     print(f"# frames: {DATA.name}, first {t}, {height}x{width} LR; whole-clip times, best of {args.reps}")
-    dense = dense_conv_gflops(height, width, args.reps)
-    print("# dense 64->64 3x3 conv: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in dense.items()))
-    print()
-    header = (
-        f"{'model':<12} {'prec':<5} {'runner':<10} {'s/frame':>8} {'speed-up':>8} {'PSNR dB':>8} "
-        f"{'GFLOP/s':>8}"
-    )
-    print(header)
-    print("-" * len(header))
-
-    for arch in models:
-        torch.manual_seed(0)
-        ref = reference_model(arch).eval()
-        perturb(ref, seed=1)
-        ours = vsrkit.create_model(arch)
-        ours.load_state_dict(ref.state_dict(), strict=True)
-        ours.eval()
-        flops = clip_flops(ours, lqs) / t
-        print(f"{arch}: {flops / 1e9:.0f} GFLOP per frame (conv + GEMM)")
-
-        runners: dict[str, Callable[[], np.ndarray]] = {}
-
-        def ref_run(model=ref) -> np.ndarray:
-            with torch.inference_mode():
-                return to_uint8(model(lqs))
-
-        runners["ref fp32"] = ref_run
-        if arch == "basicvsr" and "bf16" in precisions:
-            tuned = copy.deepcopy(ref).to(memory_format=torch.channels_last)
-
-            def tuned_run(model=tuned) -> np.ndarray:
-                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-                    return to_uint8(model(lqs))
-
-            runners["ref-tuned bf16"] = tuned_run
-        for precision in precisions:
-
-            def engine_run(precision=precision, model=ours) -> np.ndarray:
-                return np.stack(list(upscale_frames(iter(frames), model, device="cpu", precision=precision)))
-
-            runners[f"engine {precision}"] = engine_run
-            if args.forward:
-                prepared = prepare_for_inference(ours, "cpu", precision)
-
-                def forward_run(model=prepared) -> np.ndarray:
-                    with torch.inference_mode():
-                        return to_uint8(model(lqs))
-
-                runners[f"forward {precision}"] = forward_run
-
-        best = dict.fromkeys(runners, float("inf"))
-        outputs: dict[str, np.ndarray] = {}
-        for _ in range(args.reps):
-            for name, run in runners.items():
-                start = time.perf_counter()
-                outputs[name] = run()
-                best[name] = min(best[name], time.perf_counter() - start)
-        # The load of a shared machine drifts: the dense-conv ceiling is measured again next to
-        # each model's runs.
-        dense_now = dense_conv_gflops(height, width, 1)
-        base = best["ref fp32"]
-        for name in runners:
-            runner, precision = name.split(" ")
-            per_frame = best[name] / t
-            quality = psnr(outputs[name], outputs["ref fp32"])
-            print(
-                f"{arch:<12} {precision:<5} {runner:<10} {per_frame:8.2f} {base / best[name]:7.2f}x "
-                f"{quality:8.1f} {flops / per_frame / 1e9:8.0f}"
-            )
-        print(
-            f"{arch:<12} dense 64->64 3x3 conv right after: "
-            + ", ".join(f"{k} {v:.0f}" for k, v in dense_now.items())
-            + " GFLOP/s"
+    workers = {side: Worker(side, opts) for side in ("reference", "vsrkit")}
+    try:
+        for side, worker in workers.items():
+            print(f"# dense 64->64 3x3 conv, {side} process: {_fmt_dense(worker.call('dense', args.reps))}")
+        print()
+        header = (
+            f"{'model':<12} {'prec':<5} {'runner':<10} {'s/frame':>8} {'speed-up':>8} {'PSNR dB':>8} "
+            f"{'GFLOP/s':>8}"
         )
-        sys.stdout.flush()
+        print(header)
+        print("-" * len(header))
+        for arch in models:
+            names, _ = workers["reference"].call("setup", arch)
+            ours, flops = workers["vsrkit"].call("setup", arch)
+            print(f"{arch}: {flops / 1e9:.0f} GFLOP per frame (conv + GEMM)")
+            order = [("reference", n) for n in names] + [("vsrkit", n) for n in ours]
+            best = dict.fromkeys((n for _, n in order), float("inf"))
+            outputs: dict[str, np.ndarray] = {}
+            for _ in range(args.reps):
+                for side, name in order:
+                    seconds, outputs[name] = workers[side].call("run", name)
+                    best[name] = min(best[name], seconds)
+            # The load of a shared machine drifts: the ceiling is measured again after each model.
+            dense_now = workers["vsrkit"].call("dense", 1)
+            base = best["ref fp32"]
+            for _, name in order:
+                runner, precision = name.split(" ")
+                per_frame = best[name] / t
+                quality = psnr(outputs[name], outputs["ref fp32"])
+                print(
+                    f"{arch:<12} {precision:<5} {runner:<10} {per_frame:8.2f} {base / best[name]:7.2f}x "
+                    f"{quality:8.1f} {flops / per_frame / 1e9:8.0f}"
+                )
+            print(f"{arch:<12} dense 64->64 3x3 conv right after (vsrkit process): {_fmt_dense(dense_now)}")
+            sys.stdout.flush()
+    finally:
+        for worker in workers.values():
+            worker.stop()
     print()
     print(f"# conv+GEMM GFLOP per frame: counted on vsrkit's fp32 model at {height}x{width}, T={t}")
 
