@@ -8,11 +8,14 @@ BasicVSR, 105 MB for BasicVSR++) and fail past a few hundred frames. Here:
 raw LR frames (uint8, 173 kB per 180×320 frame). Pass 1 runs the backward branch over the
 whole clip from the last frame, saving the backward state at every ``segment_frames``-th
 frame, plus the backward flows and the IconVSR keyframe features, to the temporary folder.
-Pass 2 walks the segments in order: it recomputes the segment's backward states from the
-saved state at its end, runs the forward branch and emits finished HR frames. The first
-segment's states are still in memory at the end of pass 1, so clips no longer than
-``segment_frames`` cost no recomputation; longer ones cost one more backward trunk per frame.
-Memory holds ``segment_frames`` states; disk holds one state per segment. The result equals
+Pass 2 walks the segments in order: it reads or recomputes the segment's backward states,
+runs the forward branch and emits finished HR frames. The first segment's states are still
+in memory at the end of pass 1. Of the later segments, as many as fit in ``state_disk_mb``
+(default 2048 MB: 139 frames of BasicVSR at 180×320) have every backward state written to
+disk in pass 1 and read back; the others are recomputed from the state saved at their end,
+which costs one more backward trunk per frame (about a third of BasicVSR's work per frame).
+Memory holds ``segment_frames`` states; disk holds one state per recomputed segment plus the
+stored ones. The result equals
 the one-pass output (differences are float rounding, measured ≤ 1e-5).
 
 **BasicVSR++: overlapping windows.** Its four interleaved branches have no cheap exact
@@ -91,6 +94,7 @@ class EngineOptions:
     tmp_dir: str | None = None
     flow_batch: int = 4
     keep_freed_memory: bool = True
+    state_disk_mb: float = 2048
 
 
 # -- temporary storage ----------------------------------------------------------------------
@@ -359,6 +363,10 @@ class Upscaler:
         bidirectional = getattr(model, "bidirectional", True)
         k = self.options.segment_frames
         segments = [range(s, min(s + k, t)) for s in range(0, t, k)]
+        # Segments (by start) whose backward states pass 1 stores on disk, within
+        # state_disk_mb: pass 2 reads them instead of recomputing the segment.
+        stored: set[int] = set()
+        disk_budget = max(0.0, self.options.state_disk_mb) * 2**20
         image_alignment = getattr(model, "alignment", None) == "image"
 
         def refill(
@@ -397,6 +405,7 @@ class Upscaler:
 
             feats: list[torch.Tensor | None] = [None] * len(tiles)
             backward_flows: dict[int, list[torch.Tensor]] = {}
+            disk_used = 0
             for i in range(t - 1, -1, -1):
                 lq = lq_at(i)
                 lq_next = lq_at(i + 1) if i < t - 1 else None
@@ -422,6 +431,18 @@ class Upscaler:
                         kept.setdefault(i, []).append(feats[ti])
                     elif i % k == 0:
                         spill.put(f"state_{i}_{ti}", feats[ti])
+                if i >= k:
+                    start = i - i % k
+                    if i == min(start + k, t) - 1:
+                        # First frame of this segment in the backward pass: store all of its
+                        # states on disk if the budget allows, else recompute them in pass 2.
+                        frame_bytes = sum(f.numel() * f.element_size() for f in feats)
+                        if disk_used + frame_bytes * (i + 1 - start) <= disk_budget:
+                            stored.add(start)
+                            disk_used += frame_bytes * (i + 1 - start)
+                    if start in stored:
+                        for ti in range(len(tiles)):
+                            spill.put(f"backward_{i}_{ti}", feats[ti])
                 backward_flows.pop(i, None)
                 for j in [j for j in cache if j > i + 2 * getattr(model, "temporal_padding", 0) + 2]:
                     del cache[j]
@@ -450,6 +471,11 @@ class Upscaler:
             if bidirectional:
                 if segment.start == 0:
                     states, kept = kept, {}
+                elif segment.start in stored:
+                    states = {
+                        i: [spill.pop(f"backward_{i}_{ti}", self.device) for ti in range(len(tiles))]
+                        for i in segment
+                    }
                 else:
                     end = segment.stop
                     feats = [

@@ -45,6 +45,7 @@ def upscale(
     tile: int | None = None,
     tile_overlap: int = 16,
     segment_frames: int = 32,
+    state_disk_mb: float = 2048,
     window_frames: int = 32,
     window_overlap: int = 8,
     overwrite: bool = False,
@@ -69,6 +70,7 @@ def upscale(
         tile=tile,
         tile_overlap=tile_overlap,
         segment_frames=segment_frames,
+        state_disk_mb=state_disk_mb,
         window_frames=window_frames,
         window_overlap=window_overlap,
     )

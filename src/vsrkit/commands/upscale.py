@@ -35,6 +35,14 @@ def register(subparsers) -> None:
         metavar="K",
         help="BasicVSR/IconVSR: backward states kept in memory (exact for any K; memory grows with K)",
     )
+    p.add_argument(
+        "--state-disk-mb",
+        type=float,
+        default=2048,
+        metavar="MB",
+        help="BasicVSR/IconVSR: temporary disk for backward states, saving their recomputation "
+        "on clips longer than K (default 2048; 0 recomputes)",
+    )
     p.add_argument("--window-frames", type=int, default=32, metavar="W", help="BasicVSR++: frames per window")
     p.add_argument(
         "--window-overlap", type=int, default=8, metavar="O", help="BasicVSR++: frames shared by windows"
@@ -62,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         tile=args.tile,
         tile_overlap=args.tile_overlap,
         segment_frames=args.segment_frames,
+        state_disk_mb=args.state_disk_mb,
         window_frames=args.window_frames,
         window_overlap=args.window_overlap,
         overwrite=args.overwrite,
