@@ -41,6 +41,8 @@ torchvision's own float32 result differs from a float64 one (see the tests).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -194,7 +196,9 @@ def _deform_conv2d_cpu(
     padding: tuple[int, int],
     dilation: tuple[int, int],
     mask: Tensor | None,
+    logits: _Logits | None = None,
 ) -> Tensor:
+    """The CPU paths. With ``logits``, ``offset`` and ``mask`` are the raw logits to transform."""
     if input.dim() != 4 or weight.dim() != 4:
         raise ValueError(
             f"deform_conv2d expects 4-d input and weight, got {tuple(input.shape)} and {tuple(weight.shape)}"
@@ -216,14 +220,17 @@ def _deform_conv2d_cpu(
     sdtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     # Keep the caller's memory format: channels_last models get a channels_last result.
     channels_last = input.is_contiguous(memory_format=torch.channels_last) and cin > 1
+    flows = () if logits is None else logits.flows
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, offset, weight, bias, mask)
+        t is not None and t.requires_grad for t in (input, offset, weight, bias, mask, *flows)
     )
     if not needs_grad and _native_usable(dtype, wgroups):
         out = _forward_native(
-            input, offset, mask, weight, bias, stride, padding, dilation, groups, dtype, (ho, wo)
+            input, offset, mask, weight, bias, stride, padding, dilation, groups, dtype, (ho, wo), logits
         )
         return out if channels_last else out.contiguous()
+    if logits is not None:
+        offset, mask = logits.apply(offset, mask)
 
     with torch.autocast("cpu", enabled=False):
         x = input.to(sdtype)
@@ -405,60 +412,39 @@ def deform_conv2d_from_logits(
     """
     if len(flows) > 2:
         raise ValueError(f"at most two flows, got {len(flows)}")
-    dtype = _compute_dtype(input) if input.device.type == "cpu" else input.dtype
-    k = weight.shape[2] * weight.shape[3]
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (input, logits, weight, *flows, *(() if bias is None else (bias,)))
-    )
-    if (
-        input.device.type == "cpu"
-        and not needs_grad
-        and input.dim() == 4
-        and logits.dim() == 4
-        and weight.dim() == 4
-        and logits.shape[1] % (3 * k) == 0
-        and input.shape[1] % weight.shape[1] == 0
-        and _native_usable(dtype, input.shape[1] // weight.shape[1])
-    ):
-        groups = logits.shape[1] // (3 * k)
-        ho, wo = logits.shape[-2:]
+    if logits.dim() != 4 or logits.shape[1] % 3:
+        raise ValueError(f"logits must be (N, 3*G*kh*kw, Ho, Wo), got {tuple(logits.shape)}")
+    offset, mask = torch.split(logits, [logits.shape[1] // 3 * 2, logits.shape[1] // 3], dim=1)
+    transform = _Logits(offset_scale, tuple(flows))
+    if input.device.type == "cpu":
+        # Through the CPU dispatch: the native kernel fuses the transform into its sampling.
         pad = _pair(padding, "padding")
-        offset = logits[:, : 2 * groups * k]
-        mask = logits[:, 2 * groups * k :]
-        _check_shapes(input, offset, weight, bias, mask, (ho, wo))
-        expected_in = (ho + 2 * pad[0] - weight.shape[2] + 1, wo + 2 * pad[1] - weight.shape[3] + 1)
-        if tuple(input.shape[-2:]) == expected_in:
-            out = _forward_native(
-                input,
-                offset,
-                mask,
-                weight,
-                bias,
-                (1, 1),
-                pad,
-                (1, 1),
-                groups,
-                dtype,
-                (ho, wo),
-                offset_scale=offset_scale,
-                mask_logits=True,
-                flows=flows,
+        return _deform_conv2d_cpu(input, offset, weight, bias, (1, 1), pad, (1, 1), mask, transform)
+    offset, mask = transform.apply(offset, mask)
+    return deform_conv2d(input, offset, weight, bias, padding=padding, mask=mask)
+
+
+class _Logits(NamedTuple):
+    """How :func:`deform_conv2d_from_logits` turns logits into offsets and a mask."""
+
+    offset_scale: float | None
+    flows: tuple[Tensor, ...]
+
+    def apply(self, offset: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The PyTorch ops (the models' own code); the native kernel does the same in its loop."""
+        if self.offset_scale is not None:
+            offset = self.offset_scale * torch.tanh(offset)
+        offset = offset.float()
+        if self.flows:
+            parts = torch.chunk(offset, len(self.flows), dim=1)
+            offset = torch.cat(
+                [
+                    part + flow.float().flip(1).repeat(1, part.size(1) // 2, 1, 1)
+                    for part, flow in zip(parts, self.flows, strict=True)
+                ],
+                dim=1,
             )
-            return out if input.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
-    offset, mask_logits = torch.split(logits, [logits.shape[1] * 2 // 3, logits.shape[1] // 3], dim=1)
-    if offset_scale is not None:
-        offset = offset_scale * torch.tanh(offset)
-    offset = offset.float()
-    if flows:
-        parts = torch.chunk(offset, len(flows), dim=1)
-        offset = torch.cat(
-            [
-                part + flow.float().flip(1).repeat(1, part.size(1) // 2, 1, 1)
-                for part, flow in zip(parts, flows, strict=True)
-            ],
-            dim=1,
-        )
-    return deform_conv2d(input, offset, weight, bias, padding=padding, mask=torch.sigmoid(mask_logits))
+        return offset, torch.sigmoid(mask)
 
 
 # Native path ------------------------------------------------------------------------------
@@ -493,10 +479,7 @@ def _forward_native(
     groups: int,
     dtype: torch.dtype,
     out_hw: tuple[int, int],
-    *,
-    offset_scale: float | None = None,
-    mask_logits: bool = False,
-    flows: tuple[Tensor, ...] = (),
+    logits: _Logits | None = None,
 ) -> Tensor:
     """C im2col (:mod:`vsrkit.ops.native`) a chunk of rows at a time, then one GEMM per chunk.
 
@@ -515,9 +498,8 @@ def _forward_native(
         off, off_ps, off_cs = _pixel_strides(_native_operand(offset))
         if mask is not None:
             msk, msk_ps, msk_cs = _pixel_strides(_native_operand(mask))
-        flow_ts = [_pixel_strides(f.float())[0] for f in flows]
+        flow_ts = [f.float().contiguous() for f in (() if logits is None else logits.flows)]
         if flow_ts:
-            flow_ts = [f.contiguous() for f in flow_ts]
             flow_ps, flow_cs = flow_ts[0].stride(3), flow_ts[0].stride(1)
         # The im2col columns are ordered (group, kernel position, channel): permute the weight.
         wmat = weight.to(dtype).reshape(cout, groups, cg, k).permute(0, 1, 3, 2).reshape(cout, k * cin).t()
@@ -529,7 +511,7 @@ def _forward_native(
         fn = lib.vsrkit_dcn_im2col
         # Arguments of the C function that stay the same for every call (see dcn_im2col.c).
         geometry = (groups, kh, kw, *stride, *padding, *dilation, wo)
-        transform = (float(offset_scale or 0.0), int(mask_logits))
+        transform = (0.0, 0) if logits is None else (float(logits.offset_scale or 0.0), 1)
         for i in range(n):
             out_rows = out[i].permute(1, 2, 0).reshape(ho * wo, cout)
             operands = (
