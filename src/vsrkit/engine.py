@@ -418,19 +418,11 @@ class Upscaler:
                         backward_flows[j] = flat[n_j * len(tiles) : (n_j + 1) * len(tiles)]
                 for ti, tile in enumerate(tiles):
                     lq_t = tile.crop(lq)
-                    flow = None
-                    if lq_next is not None:
-                        flow = backward_flows[i][ti]
-                        if i >= k:
-                            # Only segments after the first are recomputed in pass 2: short
-                            # clips write no flows at all.
-                            spill.put(f"flow_{i}_{ti}", flow)
+                    flow = backward_flows[i][ti] if lq_next is not None else None
                     neighbour = tile.crop(lq_next) if (image_alignment and lq_next is not None) else None
                     feats[ti] = backward_step(lq_t, feats[ti], flow, refill(i, ti, lq_at), neighbour)
                     if i < k:
                         kept.setdefault(i, []).append(feats[ti])
-                    elif i % k == 0:
-                        spill.put(f"state_{i}_{ti}", feats[ti])
                 if i >= k:
                     start = i - i % k
                     if i == min(start + k, t) - 1:
@@ -440,9 +432,16 @@ class Upscaler:
                         if disk_used + frame_bytes * (i + 1 - start) <= disk_budget:
                             stored.add(start)
                             disk_used += frame_bytes * (i + 1 - start)
-                    if start in stored:
-                        for ti in range(len(tiles)):
+                    for ti in range(len(tiles)):
+                        if start in stored:
                             spill.put(f"backward_{i}_{ti}", feats[ti])
+                            continue
+                        # Pass 2 recomputes this segment: it needs the flows, and the segment
+                        # before it the state at this segment's start.
+                        if lq_next is not None:
+                            spill.put(f"flow_{i}_{ti}", backward_flows[i][ti])
+                        if i == start:
+                            spill.put(f"state_{i}_{ti}", feats[ti])
                 backward_flows.pop(i, None)
                 for j in [j for j in cache if j > i + 2 * getattr(model, "temporal_padding", 0) + 2]:
                     del cache[j]
@@ -478,8 +477,14 @@ class Upscaler:
                     }
                 else:
                     end = segment.stop
+                    # The backward state at the next segment's start: its checkpoint, or its
+                    # stored state (read, not popped: that segment still needs it).
                     feats = [
-                        spill.pop(f"state_{end}_{ti}", self.device) if end < t else None
+                        None
+                        if end >= t
+                        else spill.get(f"backward_{end}_{ti}", self.device)
+                        if end in stored
+                        else spill.pop(f"state_{end}_{ti}", self.device)
                         for ti in range(len(tiles))
                     ]
                     lq_next = self._lq(spool, end) if (end < t and image_alignment) else None
