@@ -20,9 +20,11 @@ import hashlib
 import os
 import platform
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
+
+from ..hub import cache_dir
+from ..weights import atomic_write
 
 __all__ = ["library", "unavailable_reason"]
 
@@ -51,11 +53,6 @@ _ARGTYPES = [
 ]  # fmt: skip
 
 
-def _cache_dir() -> Path:
-    home = os.environ.get("VSRKIT_HOME")
-    return (Path(home) if home else Path.home() / ".cache" / "vsrkit") / "kernels"
-
-
 def _cpu_signature() -> str:
     # -march=native code must not be reused on another CPU sharing the same home directory.
     try:
@@ -68,10 +65,9 @@ def _cpu_signature() -> str:
 
 
 def _build(compiler: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.part", dir=target.parent)
-    os.close(fd)
-    try:
+    """Compile into a temporary file renamed over ``target``: concurrent builds cannot clash."""
+
+    def compile_to(tmp: str) -> None:
         for extra in (OPENMP_FLAGS, []):
             result = subprocess.run(
                 [compiler, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"],
@@ -80,14 +76,11 @@ def _build(compiler: str, target: Path) -> None:
                 timeout=120,
             )
             if result.returncode == 0:
-                break
-        else:
-            lines = (result.stderr or result.stdout).strip().splitlines()
-            raise RuntimeError(f"{compiler} failed: {lines[-1] if lines else 'no output'}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+                return
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        raise RuntimeError(f"{compiler} failed: {lines[-1] if lines else 'no output'}")
+
+    atomic_write(target, compile_to)
 
 
 def _load() -> ctypes.CDLL:
@@ -101,7 +94,7 @@ def _load() -> ctypes.CDLL:
     key = hashlib.sha256(
         "\0".join([SOURCE.read_text(), *version, *FLAGS, *OPENMP_FLAGS, _cpu_signature()]).encode()
     ).hexdigest()[:16]
-    target = _cache_dir() / f"dcn_im2col-{key}.so"
+    target = cache_dir() / "kernels" / f"dcn_im2col-{key}.so"
     if not target.exists():
         _build(compiler, target)
     lib = ctypes.CDLL(str(target))
