@@ -427,7 +427,7 @@ def test_native_kernel_is_cached_by_source_and_compiler(
     monkeypatch.setattr(native, "_library", None)
     monkeypatch.setenv("VSRKIT_HOME", str(tmp_path))
     assert native.library() is not None
-    built = list((tmp_path / "kernels").glob("dcn_im2col-*.so"))
+    built = list((tmp_path / "kernels").glob("vsrkit_native-*.so"))
     assert len(built) == 1
     mtime = built[0].stat().st_mtime_ns
     monkeypatch.setattr(native, "_tried", False)

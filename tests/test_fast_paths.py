@@ -5,8 +5,9 @@ models (:func:`vsrkit.accel.prepare_for_inference`), the engine's batched SPyNet
 custom deformable convolution (its op-level tests are in ``test_deform_conv.py``). Tiny models
 on small frames; no timings are asserted (the speed is measured by ``benchmarks/speed.py``).
 
-Tolerances: fp32 fast paths reorder nothing but oneDNN's own kernel choice (NHWC against NCHW
-blocking), so they stay within 1e-5 of the plain output; bf16 keeps 8 mantissa bits, so bf16
+Tolerances: fp32 fast paths on oneDNN reorder nothing but oneDNN's own kernel choice (NHWC
+against NCHW blocking), so they stay within 1e-5 of the plain output (the NNPACK path, with
+its Winograd rounding, is tested in ``test_nnpack.py`` to 1e-4); bf16 keeps 8 mantissa bits, so bf16
 paths are judged by PSNR (> 50 dB on [0, 1] outputs) against fp32.
 """
 
@@ -24,7 +25,7 @@ import vsrkit
 from vsrkit.accel import prepare_for_inference, prepared_precision
 from vsrkit.engine import Upscaler
 from vsrkit.models.blocks import _FUSED_CONV, conv_act, pixel_shuffle2, reorder_for_subpixel_last
-from vsrkit.ops import native
+from vsrkit.ops import native, nnpack
 from vsrkit.ops.deform_conv import deform_conv2d
 
 ARCHS = ["basicvsr", "iconvsr", "basicvsr_pp"]
@@ -89,9 +90,9 @@ def test_prepared_fp32_equals_plain(arch, clip):
     model = tiny(arch)
     with torch.inference_mode():
         plain = model(clip)
-        fast = prepare_for_inference(model, "cpu", "fp32")(clip)
+        fast = prepare_for_inference(model, "cpu", "fp32", nnpack=False)(clip)
     diff = (fast - plain).abs().max().item()
-    print(f"{arch}: prepared fp32 (channels_last, fused) vs plain: max |diff| {diff:.2e}")
+    print(f"{arch}: prepared fp32 (channels_last, fused, oneDNN) vs plain: max |diff| {diff:.2e}")
     assert diff <= 1e-5
 
 
@@ -123,8 +124,13 @@ def test_preparation_keeps_the_original_and_the_key_layout():
     assert prepared.upconv1.weight.dtype == torch.bfloat16
     assert prepared.upconv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert prepared.deform_align["forward_1"].weight.dtype == torch.bfloat16
-    # SPyNet: bf16 conv stacks, fp32 normalisation buffers.
-    assert prepared.spynet.basic_module[0].basic_module[0].weight.dtype == torch.bfloat16
+    # SPyNet: bf16 conv stacks (fp32 through NNPACK where it runs), fp32 normalisation buffers.
+    spynet_conv = prepared.spynet.basic_module[0].basic_module[0]
+    assert spynet_conv.weight.dtype == (torch.float32 if nnpack.available() else torch.bfloat16)
+    assert getattr(spynet_conv, "_vsrkit_nnpack", False) == nnpack.available()
+    assert not getattr(prepared.upconv1, "_vsrkit_nnpack", False)
+    direct = prepare_for_inference(model, "cpu", "bf16", nnpack=False)
+    assert direct.spynet.basic_module[0].basic_module[0].weight.dtype == torch.bfloat16
     assert prepared.spynet.mean.dtype == torch.float32
     keep = prepare_for_inference(model, "cpu", "bf16", spynet_precision="fp32")
     assert keep.spynet.basic_module[0].basic_module[0].weight.dtype == torch.float32

@@ -26,6 +26,11 @@
 * **CUDA and other devices: unchanged** (the model is moved and put in eval mode); the engine
   keeps using autocast there, so nothing here can slow the GPU path.
 
+* **CPU, fp32: NNPACK.** Where :func:`vsrkit.ops.nnpack.available`, the stride-1
+  convolutions run through NNPACK's Winograd (3×3) and FFT (7×7) kernels on NCHW weights:
+  fewer multiplications than the direct convolution, whose fp32 speed is the cores' FMA peak.
+  Under bf16 only SPyNet does (in fp32: faster than its bf16 direct convs). ``nnpack=False``
+  keeps oneDNN's direct convolutions (bit-identical to the plain model in fp32).
 * **CPU: sub-pixel convs in (i, j, c) channel order** so that the ×2 pixel shuffles of the
   tail move contiguous runs of channels (see
   :func:`vsrkit.models.blocks.reorder_for_subpixel_last`).
@@ -45,6 +50,7 @@ import torch
 from torch import nn
 
 from .models.blocks import _FUSED_CONV, reorder_for_subpixel_last
+from .ops import nnpack as nnpack_ops
 
 CPU_PRECISIONS = ("fp32", "bf16")
 
@@ -101,6 +107,15 @@ def _mark_fusable(model: nn.Module) -> None:
             module._vsrkit_fuse = isinstance(module.padding, tuple)
 
 
+def _use_nnpack(model: nn.Module) -> None:
+    """Supported convs run through NNPACK, on NCHW weights (its layout); the rest stay oneDNN's."""
+    for module in model.modules():
+        if nnpack_ops.supports(module) and module.weight.dtype == torch.float32:
+            module.weight.data = module.weight.data.contiguous()
+            module.__class__ = nnpack_ops.NNPACKConv2d
+            module._vsrkit_nnpack = True
+
+
 def prepare_for_inference(
     model: nn.Module,
     device: str | torch.device = "cpu",
@@ -109,6 +124,7 @@ def prepare_for_inference(
     channels_last: bool | None = None,
     spynet_precision: str = "same",
     fuse: bool = True,
+    nnpack: bool | None = None,
     inplace: bool = False,
 ) -> nn.Module:
     """An eval-mode copy of ``model`` on ``device``, set up for ``precision`` (see module doc).
@@ -116,7 +132,10 @@ def prepare_for_inference(
     ``channels_last`` defaults to True on the CPU and False elsewhere. ``precision`` other
     than fp32 changes the weights only on the CPU (elsewhere the engine uses autocast).
     ``fuse`` (CPU, channels_last) lets :func:`vsrkit.models.blocks.conv_act` fuse activations
-    and residual sums into the convolutions.
+    and residual sums into the convolutions. ``nnpack`` (default: where
+    :func:`vsrkit.ops.nnpack.available`) runs the stride-1 convolutions of an fp32 model
+    through NNPACK's Winograd and FFT kernels, in NCHW (about 1e-5 relative rounding instead
+    of 1e-7); under bf16 it runs SPyNet in fp32 through NNPACK instead of in bf16.
     """
     device = torch.device(device)
     if spynet_precision not in ("same", "fp32"):
@@ -135,16 +154,30 @@ def prepare_for_inference(
         model.to(memory_format=torch.channels_last)
     if channels_last and fuse:
         _mark_fusable(model)
+    if nnpack is None:
+        nnpack = nnpack_ops.available()
+    elif nnpack and not nnpack_ops.available():
+        raise RuntimeError(nnpack_ops.unavailable_reason or "NNPACK is turned off (VSRKIT_NNPACK=0)")
+    if nnpack and precision == "fp32":
+        _use_nnpack(model)
+    elif nnpack and hasattr(model, "spynet"):
+        # Under bf16, SPyNet's 7×7 convs in fp32 through NNPACK's FFT are faster than in bf16
+        # through oneDNN, and exact to fp32 rounding.
+        _use_nnpack(model.spynet)
     if channels_last:
         for module in model.modules():
             for name in ("upconv1", "upconv2"):
                 conv = getattr(module, name, None)
-                if isinstance(conv, nn.Conv2d) and not getattr(conv, "_vsrkit_subpixel_last", False):
+                if (
+                    isinstance(conv, nn.Conv2d)
+                    and not getattr(conv, "_vsrkit_subpixel_last", False)
+                    and not getattr(conv, "_vsrkit_nnpack", False)
+                ):
                     reorder_for_subpixel_last(conv)
     if precision == "bf16":
         for name, child in model.named_children():
             if name == "spynet":
-                if spynet_precision == "same":
+                if spynet_precision == "same" and not nnpack:
                     # Only the conv stacks: the ImageNet mean/std buffers stay fp32.
                     _to_bf16(child.basic_module)
                 continue

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..ops import nnpack
+
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=True)
@@ -24,9 +26,14 @@ def conv_act(
     ``conv._vsrkit_fuse``) and without autograd, this is one oneDNN call with the activation
     or the sum fused into the convolution: the separate elementwise passes over the feature
     map cost 10-20 % of a trunk. In fp32 the fused result is bit-identical; in bf16 the sum is
-    rounded once instead of twice. Everywhere else (training, CUDA, unprepared models) it is
+    rounded once instead of twice. On convs prepared for NNPACK (``conv._vsrkit_nnpack``, fp32)
+    it is NNPACK's Winograd/FFT convolution with the epilogue fused (:mod:`vsrkit.ops.nnpack`).
+    Everywhere else (training, CUDA, unprepared models) it is
     the plain module call followed by the plain op.
     """
+    if getattr(conv, "_vsrkit_nnpack", False) and nnpack.worth_it(x):
+        # fp32 CPU models prepared with NNPACK (vsrkit.ops.nnpack): epilogue fused in C.
+        return nnpack.conv2d(x, conv.weight, conv.bias, act=act, slope=slope, residual=residual)
     if getattr(conv, "_vsrkit_fuse", False) and not torch.is_grad_enabled():
         w = conv.weight
         x = x.to(w.dtype).contiguous(memory_format=torch.channels_last)

@@ -1,9 +1,12 @@
-"""The optional native CPU kernel: deformable im2col in C, compiled on first use.
+"""The optional native CPU kernels in C, compiled on first use.
 
-PyTorch has no fast CPU primitive for the sampling half of a deformable convolution
-(``grid_sample`` does it at about a fifth of the speed of the C loop in ``dcn_im2col.c``, and
-the offset and mask transforms cost half a dozen more full-size passes). The C file is
-compiled with the system's C compiler (``$CC``, else ``cc``) into
+- ``dcn_im2col.c``: the sampling half of a deformable convolution. PyTorch has no fast CPU
+  primitive for it (``grid_sample`` does it at about a fifth of the speed of the C loop, and
+  the offset and mask transforms cost half a dozen more full-size passes).
+- ``nnpack_conv.c``: stride-1 convolutions through the NNPACK that PyTorch links, run on
+  PyTorch's OpenMP threads with fused epilogues (see :mod:`vsrkit.ops.nnpack`).
+
+The C files are compiled with the system's C compiler (``$CC``, else ``cc``) into
 ``$VSRKIT_HOME/kernels/`` (default ``~/.cache/vsrkit/kernels/``) the first time it is needed,
 keyed by the source, the compiler and the CPU, and loaded with :mod:`ctypes`. It needs no
 PyTorch headers, so the build takes about a second.
@@ -28,7 +31,7 @@ from ..weights import atomic_write
 
 __all__ = ["library", "unavailable_reason"]
 
-SOURCE = Path(__file__).with_name("dcn_im2col.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("dcn_im2col.c", "nnpack_conv.c")]
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-std=c99"]
 # With OpenMP the kernel runs on PyTorch's own threads: the library's libgomp.so.1 resolves to the
 # copy PyTorch has already loaded. Without it (a compiler lacking OpenMP) it runs on one thread.
@@ -53,6 +56,15 @@ _ARGTYPES = [
 ]  # fmt: skip
 
 
+_long = ctypes.c_long
+_NNP_ARGTYPES = [
+    _ptr, _ptr, _long, _long, _long, _long,  # nnp_convolution_inference, input, N, Cin, H, W
+    _ptr, _ptr, _long, _long,  # weight, bias, Cout, kernel size
+    _ptr, _ptr, ctypes.c_int, ctypes.c_float,  # output, residual, activation, slope
+    _ptr, _long,  # scratch, its size in bytes
+]  # fmt: skip
+
+
 def _cpu_signature() -> str:
     # -march=native code must not be reused on another CPU sharing the same home directory.
     try:
@@ -70,7 +82,7 @@ def _build(compiler: str, target: Path) -> None:
     def compile_to(tmp: str) -> None:
         for extra in (OPENMP_FLAGS, []):
             result = subprocess.run(
-                [compiler, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"],
+                [compiler, *FLAGS, *extra, *map(str, SOURCES), "-o", tmp, "-lm"],
                 capture_output=True,
                 text=True,
                 timeout=120,
@@ -92,15 +104,20 @@ def _load() -> ctypes.CDLL:
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"no C compiler ({compiler}: {e})") from e
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), *version, *FLAGS, *OPENMP_FLAGS, _cpu_signature()]).encode()
+        "\0".join(
+            [*(src.read_text() for src in SOURCES), *version, *FLAGS, *OPENMP_FLAGS, _cpu_signature()]
+        ).encode()
     ).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"dcn_im2col-{key}.so"
+    target = cache_dir() / "kernels" / f"vsrkit_native-{key}.so"
     if not target.exists():
         _build(compiler, target)
     lib = ctypes.CDLL(str(target))
     fn = lib.vsrkit_dcn_im2col
     fn.argtypes = _ARGTYPES
     fn.restype = ctypes.c_int
+    conv = lib.vsrkit_nnp_conv2d
+    conv.argtypes = _NNP_ARGTYPES
+    conv.restype = ctypes.c_long
     return lib
 
 

@@ -1,0 +1,242 @@
+"""Fast fp32 CPU convolutions: NNPACK's Winograd (3×3) and FFT (larger kernels) on PyTorch's threads.
+
+A direct fp32 convolution cannot beat the cores' FMA peak: oneDNN's 64→64 3×3 conv runs at
+about 200 GFLOP/s on 2 Zen 4 cores, which is that peak. Winograd's F(6×6, 3×3) needs about a
+fifth of the multiplications, FFT convolutions fewer still for 7×7 kernels, so NNPACK, which
+PyTorch links into ``libtorch_cpu``, computes the same convolution in 55-60 % of the time for
+the models' 3×3 layers and in a third for SPyNet's 7×7 ones (``benchmarks/speed.py``,
+docs/speed.md). The price is rounding: Winograd's transforms put the result about 1e-5
+relative from a direct convolution's (a direct fp32 conv is about 1e-7 away from the exact
+sum), measured at 90+ dB PSNR on the models' 8-bit outputs, and checked by a self-test when
+first used and by ``tests/test_nnpack.py``.
+
+PyTorch's own entry point (``torch._nnpack_spatial_convolution``) runs NNPACK on a separate
+thread pool that spin-waits against PyTorch's OpenMP threads; here the C wrapper in
+``nnpack_conv.c`` runs it single-threaded inside an OpenMP region of PyTorch's own libgomp
+(split by image, or one image by bands of rows) and fuses the epilogue (bias, ReLU or
+LeakyReLU, or a residual sum). Inputs and outputs are fp32 NCHW.
+
+Used by :func:`vsrkit.accel.prepare_for_inference` for fp32 CPU models when
+:func:`available` says so; ``VSRKIT_NNPACK=0`` turns it off (then oneDNN's direct
+convolutions run, bit-identical to the plain model).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from . import native
+
+__all__ = ["NNPACKConv2d", "available", "conv2d", "supports", "unavailable_reason", "worth_it"]
+
+# What the self-test accepts: the largest error relative to the output's scale. Winograd
+# F(6x6, 3x3) in fp32 measures 1e-6 to 1e-5 here; a broken kernel is off by O(1).
+SELF_TEST_TOLERANCE = 1e-4
+_ACTIVATIONS = {None: 0, "none": 0, "relu": 1, "leaky_relu": 2}
+# Below this many output pixels per image oneDNN's direct kernels are as fast or faster
+# (SPyNet's coarse levels, 12×20 and under, ran 1.2-3× slower through NNPACK's FFT).
+MIN_PIXELS = 2048
+
+_lock = threading.Lock()
+_function: int | None = None
+_checked = False
+unavailable_reason: str | None = None
+_scratch = threading.local()
+
+
+def _disabled() -> bool:
+    return os.environ.get("VSRKIT_NNPACK", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def _find_function() -> int:
+    """The address of ``nnp_convolution_inference`` in PyTorch's library, NNPACK initialised."""
+    lib_dir = Path(torch.__file__).resolve().parent / "lib"
+    candidates = sorted(lib_dir.glob("libtorch_cpu*.so*")) or sorted(lib_dir.glob("libtorch*.so*"))
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(str(path))
+            fn = lib.nnp_convolution_inference
+            init = lib.nnp_initialize
+        except (OSError, AttributeError):
+            continue
+        init.restype = ctypes.c_int
+        status = init()
+        if status != 0:
+            raise RuntimeError(f"NNPACK does not support this CPU (nnp_initialize returned {status})")
+        return ctypes.cast(fn, ctypes.c_void_p).value
+    raise RuntimeError("this PyTorch build has no NNPACK")
+
+
+def _self_test() -> None:
+    """Both parallel splits (whole images, bands of rows), both kernel sizes, every epilogue."""
+    gen = torch.Generator().manual_seed(0)
+    for n, cin, cout, h, w, k in ((1, 16, 24, 70, 45, 3), (2, 8, 16, 40, 33, 7), (3, 12, 8, 68, 20, 3)):
+        x = torch.randn(n, cin, h, w, generator=gen)
+        weight = torch.randn(cout, cin, k, k, generator=gen) / (cin * k * k) ** 0.5
+        bias = torch.randn(cout, generator=gen)
+        residual = torch.randn(n, cout, h, w, generator=gen)
+        exact = F.conv2d(x.double(), weight.double(), bias.double(), padding=k // 2)
+        cases = {
+            "none": (exact, {}),
+            "relu": (exact.relu(), {"act": "relu"}),
+            "leaky": (F.leaky_relu(exact, 0.2), {"act": "leaky_relu", "slope": 0.2}),
+            "residual": (exact + residual.double(), {"residual": residual}),
+        }
+        for name, (want, kwargs) in cases.items():
+            got = _conv2d(x, weight, bias, **kwargs).double()
+            err = float((got - want).abs().max() / want.abs().max())
+            if not err <= SELF_TEST_TOLERANCE:
+                raise RuntimeError(f"self-test failed ({k}x{k} conv, {name}: relative error {err:.1e})")
+
+
+def available() -> bool:
+    """True where NNPACK can run vsrkit's fp32 CPU convolutions (checked once, then cached)."""
+    global _function, _checked, unavailable_reason
+    if _disabled():
+        return False
+    if _checked:
+        return _function is not None
+    with _lock:
+        if not _checked:
+            try:
+                if native.library() is None:
+                    raise RuntimeError(f"the native kernels are unavailable ({native.unavailable_reason})")
+                _function = _find_function()
+                _self_test()
+            except RuntimeError as e:
+                _function = None
+                unavailable_reason = f"NNPACK convolutions off: {e}"
+            _checked = True
+    return _function is not None
+
+
+def supports(conv: nn.Module) -> bool:
+    """Whether ``conv`` has a shape the NNPACK path computes: stride 1, "same" zero padding."""
+    if not isinstance(conv, nn.Conv2d):
+        return False
+    kh, kw = conv.kernel_size
+    return (
+        kh == kw
+        and kh % 2 == 1
+        and 3 <= kh <= 15
+        and conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding == (kh // 2, kw // 2)
+        and conv.padding_mode == "zeros"
+    )
+
+
+def worth_it(x: Tensor) -> bool:
+    """Whether an input of this size goes through NNPACK (large enough images, fp32, no autograd)."""
+    return (
+        x.shape[-1] * x.shape[-2] >= MIN_PIXELS
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_grad_enabled()
+    )
+
+
+def _buffer(nbytes: int) -> Tensor:
+    """A per-thread scratch buffer that only grows: NNPACK's workspace and the row bands."""
+    buf = getattr(_scratch, "buffer", None)
+    if buf is None or buf.numel() < nbytes:
+        _scratch.buffer = None  # free the old one first
+        buf = _scratch.buffer = torch.empty(nbytes, dtype=torch.uint8)
+    return buf
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch buffer (it is otherwise kept for the next call)."""
+    _scratch.buffer = None
+
+
+def _conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    act: str | None = None,
+    slope: float = 0.1,
+    residual: Tensor | None = None,
+) -> Tensor:
+    lib = native.library()
+    assert lib is not None and _function is not None
+    n, cin, h, w = x.shape
+    cout, _, k, _ = weight.shape
+    x = x.float().contiguous()
+    weight = weight.float().contiguous()
+    bias = torch.zeros(cout) if bias is None else bias.float().contiguous()
+    out = torch.empty((n, cout, h, w))
+    if residual is not None:
+        residual = residual.float().contiguous()
+        if residual.shape != out.shape:
+            raise ValueError(f"residual {tuple(residual.shape)} does not match the output {tuple(out.shape)}")
+    fn = lib.vsrkit_nnp_conv2d
+    args = (
+        _function,
+        x.data_ptr(),
+        n,
+        cin,
+        h,
+        w,
+        weight.data_ptr(),
+        bias.data_ptr(),
+        cout,
+        k,
+        out.data_ptr(),
+    ) + (None if residual is None else residual.data_ptr(), _ACTIVATIONS[act], float(slope))
+    buf = getattr(_scratch, "buffer", None)
+    status = fn(*args, None if buf is None else buf.data_ptr(), 0 if buf is None else buf.numel())
+    if status > 0:
+        buf = _buffer(status)
+        status = fn(*args, buf.data_ptr(), buf.numel())
+    if status != 0:
+        raise RuntimeError(f"NNPACK convolution failed (status {-status})")
+    return out
+
+
+def conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    act: str | None = None,
+    slope: float = 0.1,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """``act(conv2d(x, weight, bias, padding=k//2) + residual)`` in fp32 through NNPACK.
+
+    ``act`` is None, ``"relu"`` or ``"leaky_relu"`` (negative ``slope``). ``x`` is (N, C, H, W)
+    on the CPU, any memory format (converted to NCHW fp32); the result is NCHW fp32. No
+    autograd. Raises RuntimeError if :func:`available` is False.
+    """
+    if not available():
+        raise RuntimeError(unavailable_reason or "NNPACK convolutions are turned off (VSRKIT_NNPACK=0)")
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"act must be None, 'relu' or 'leaky_relu', got {act!r}")
+    kh, kw = weight.shape[-2:]
+    if kh != kw or kh % 2 == 0 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"unsupported shapes: input {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    with torch.no_grad():
+        return _conv2d(x, weight, bias, act, slope, residual)
+
+
+class NNPACKConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` that runs through NNPACK without autograd (same parameters and keys).
+
+    :func:`vsrkit.accel.prepare_for_inference` turns supported convs of an fp32 CPU model
+    into this class; with autograd, off the CPU, or for images under :data:`MIN_PIXELS`, it is
+    a plain ``nn.Conv2d``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not worth_it(x):
+            return super().forward(x)
+        return _conv2d(x, self.weight, self.bias)

@@ -1,0 +1,192 @@
+/* Stride-1 convolutions through NNPACK's Winograd and FFT kernels, on PyTorch's OpenMP threads.
+ *
+ * Built with dcn_im2col.c by vsrkit/ops/native.py and called through ctypes; see
+ * vsrkit/ops/nnpack.py. PyTorch links NNPACK into libtorch_cpu and exports
+ * nnp_convolution_inference, whose address the caller passes in (no NNPACK headers or
+ * libraries are needed to build this file).
+ *
+ * Why not PyTorch's own torch._nnpack_spatial_convolution: it runs NNPACK on a separate
+ * pthreadpool whose threads and PyTorch's OpenMP threads spin-wait against each other on every
+ * call (a 30-block trunk took as long as oneDNN's direct convolution). Here NNPACK runs
+ * single-threaded inside an OpenMP parallel region of PyTorch's own libgomp: a batch is split
+ * by image, one image by bands of output rows (each band's input rows, with their halo, are
+ * copied to a private buffer because NNPACK reads dense [C][H][W] planes).
+ *
+ * The epilogue is fused: out = act(conv(x) + bias [+ residual]) with act none, ReLU or
+ * LeakyReLU, applied while the result is copied out of the band (or in place).
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+struct nnp_size {
+    size_t width, height;
+};
+struct nnp_padding {
+    size_t top, right, bottom, left;
+};
+typedef int (*nnp_conv_fn)(int algorithm, int transform_strategy, size_t input_channels,
+                           size_t output_channels, struct nnp_size input_size, struct nnp_padding padding,
+                           struct nnp_size kernel_size, struct nnp_size output_subsampling, const float *input,
+                           const float *kernel, const float *bias, float *output, void *workspace,
+                           size_t *workspace_size, int activation, const void *activation_parameters,
+                           void *threadpool, void *profile);
+
+enum { NNP_ALGORITHM_AUTO = 0, NNP_TRANSFORM_COMPUTE = 1, NNP_ACTIVATION_IDENTITY = 0, NNP_ACTIVATION_RELU = 1 };
+enum { ACT_NONE = 0, ACT_RELU = 1, ACT_LEAKY_RELU = 2 };
+
+static int num_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static int thread_index(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+/* out[i] = act(src[i] (+ res[i])) for n values; src may equal out. */
+static void epilogue(float *out, const float *src, const float *res, size_t n, int act, float slope) {
+    if (res) {
+        for (size_t i = 0; i < n; i++) out[i] = src[i] + res[i];
+        src = out;
+    }
+    if (act == ACT_RELU) {
+        for (size_t i = 0; i < n; i++) out[i] = src[i] > 0.0f ? src[i] : 0.0f;
+    } else if (act == ACT_LEAKY_RELU) {
+        for (size_t i = 0; i < n; i++) out[i] = src[i] < 0.0f ? src[i] * slope : src[i];
+    } else if (src != out) {
+        memcpy(out, src, n * sizeof(float));
+    }
+}
+
+struct plan {
+    long bands;     /* bands per image (1: whole images, one per thread) */
+    long band_rows; /* output rows per band */
+    size_t slice;   /* scratch bytes per thread */
+};
+
+/* The workspace NNPACK asks for an input of `rows` rows; 0 on error (status in *status). */
+static size_t nnp_workspace(nnp_conv_fn fn, long cin, long cout, long rows, long w, long k, long pad_top,
+                            long pad_bottom, const float *in, const float *weight, const float *bias,
+                            float *out, int *status) {
+    struct nnp_size size = {(size_t)w, (size_t)rows}, ksize = {(size_t)k, (size_t)k}, sub = {1, 1};
+    struct nnp_padding pad = {(size_t)pad_top, (size_t)(k / 2), (size_t)pad_bottom, (size_t)(k / 2)};
+    size_t need = 0;
+    *status = fn(NNP_ALGORITHM_AUTO, NNP_TRANSFORM_COMPUTE, (size_t)cin, (size_t)cout, size, pad, ksize, sub, in,
+                 weight, bias, out, NULL, &need, NNP_ACTIVATION_IDENTITY, NULL, NULL, NULL);
+    return need;
+}
+
+static struct plan make_plan(nnp_conv_fn fn, long n, long cin, long h, long w, long cout, long k,
+                             const float *in, const float *weight, const float *bias, float *out,
+                             int *status) {
+    struct plan p;
+    long nt = num_threads();
+    long halo = k / 2;
+    /* Bands only for a single image (or a batch that does not split evenly), and only when each
+     * band keeps enough rows for the transforms' tiles to stay mostly full. More, smaller bands
+     * (to keep a band's transforms in cache) measured no faster. */
+    long bands = (n % nt == 0) ? 1 : nt;
+    long min_rows = 4 * k > 16 ? 4 * k : 16;
+    while (bands > 1 && h / bands < min_rows) bands--;
+    p.bands = bands;
+    p.band_rows = (h + bands - 1) / bands;
+    *status = 0;
+    if (bands == 1) {
+        p.slice = align64(nnp_workspace(fn, cin, cout, h, w, k, halo, halo, in, weight, bias, out, status));
+        return p;
+    }
+    long in_rows = p.band_rows + 2 * halo;
+    size_t ws = nnp_workspace(fn, cin, cout, in_rows, w, k, 0, 0, in, weight, bias, out, status);
+    /* Edge bands have a padded side and fewer input rows: never more workspace, but ask. */
+    int s2 = 0;
+    size_t ws_edge = nnp_workspace(fn, cin, cout, p.band_rows + halo, w, k, halo, 0, in, weight, bias, out, &s2);
+    if (ws_edge > ws) ws = ws_edge;
+    if (*status == 0) *status = s2;
+    p.slice = align64((size_t)cin * in_rows * w * sizeof(float)) +
+              align64((size_t)cout * p.band_rows * w * sizeof(float)) + align64(ws);
+    return p;
+}
+
+/* Returns 0 on success, a positive byte count when `scratch` is smaller than that (nothing is
+ * computed: call again with at least that much), or -status for an NNPACK error. */
+long vsrkit_nnp_conv2d(void *fn_ptr, const float *in, long n, long cin, long h, long w, const float *weight,
+                       const float *bias, long cout, long k, float *out, const float *residual, int act,
+                       float slope, void *scratch, long scratch_bytes) {
+    nnp_conv_fn fn = (nnp_conv_fn)fn_ptr;
+    int status = 0;
+    struct plan p = make_plan(fn, n, cin, h, w, cout, k, in, weight, bias, out, &status);
+    if (status != 0) return -(long)status;
+    long nt = num_threads();
+    size_t need = p.slice * (size_t)nt + 64;
+    if (scratch == NULL || (size_t)scratch_bytes < need) return (long)need;
+    char *base = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    long halo = k / 2;
+    size_t plane = (size_t)h * w, in_image = (size_t)cin * plane, out_image = (size_t)cout * plane;
+    int fused_relu = act == ACT_RELU && residual == NULL;
+    int post_act = fused_relu ? ACT_NONE : act;
+
+#pragma omp parallel reduction(| : status)
+    {
+        long t = thread_index();
+        char *slice = base + p.slice * (size_t)t;
+        struct nnp_size ksize = {(size_t)k, (size_t)k}, sub = {1, 1};
+        if (p.bands == 1) {
+            for (long i = t; i < n; i += nt) {
+                struct nnp_size size = {(size_t)w, (size_t)h};
+                struct nnp_padding pad = {(size_t)halo, (size_t)halo, (size_t)halo, (size_t)halo};
+                size_t ws = p.slice;
+                float *dst = out + i * out_image;
+                int s = fn(NNP_ALGORITHM_AUTO, NNP_TRANSFORM_COMPUTE, (size_t)cin, (size_t)cout, size, pad, ksize,
+                           sub, in + i * in_image, weight, bias, dst, slice, &ws,
+                           fused_relu ? NNP_ACTIVATION_RELU : NNP_ACTIVATION_IDENTITY, NULL, NULL, NULL);
+                status |= s;
+                if (s == 0 && (residual || post_act != ACT_NONE))
+                    epilogue(dst, dst, residual ? residual + i * out_image : NULL, out_image, post_act, slope);
+            }
+        } else {
+            float *band_in = (float *)slice;
+            float *band_out = (float *)(slice + align64((size_t)cin * (p.band_rows + 2 * halo) * w * sizeof(float)));
+            char *ws_ptr = (char *)band_out + align64((size_t)cout * p.band_rows * w * sizeof(float));
+            size_t ws_bytes = p.slice - (size_t)(ws_ptr - slice);
+            for (long job = t; job < n * p.bands; job += nt) {
+                long i = job / p.bands, b = job % p.bands;
+                long r0 = b * p.band_rows, r1 = r0 + p.band_rows < h ? r0 + p.band_rows : h;
+                if (r0 >= r1) continue;
+                long i0 = r0 - halo > 0 ? r0 - halo : 0, i1 = r1 + halo < h ? r1 + halo : h;
+                long rows_in = i1 - i0, rows_out = r1 - r0;
+                const float *src = in + i * in_image;
+                for (long c = 0; c < cin; c++)
+                    memcpy(band_in + (size_t)c * rows_in * w, src + c * plane + (size_t)i0 * w,
+                           (size_t)rows_in * w * sizeof(float));
+                struct nnp_size size = {(size_t)w, (size_t)rows_in};
+                struct nnp_padding pad = {(size_t)(i0 - (r0 - halo)), (size_t)halo, (size_t)(r1 + halo - i1),
+                                          (size_t)halo};
+                size_t ws = ws_bytes;
+                int s = fn(NNP_ALGORITHM_AUTO, NNP_TRANSFORM_COMPUTE, (size_t)cin, (size_t)cout, size, pad, ksize,
+                           sub, band_in, weight, bias, band_out, ws_ptr, &ws,
+                           fused_relu ? NNP_ACTIVATION_RELU : NNP_ACTIVATION_IDENTITY, NULL, NULL, NULL);
+                status |= s;
+                if (s != 0) break;
+                for (long c = 0; c < cout; c++) {
+                    size_t offset = i * out_image + c * plane + (size_t)r0 * w;
+                    epilogue(out + offset, band_out + (size_t)c * rows_out * w, residual ? residual + offset : NULL,
+                             (size_t)rows_out * w, post_act, slope);
+                }
+            }
+        }
+    }
+    return status ? -(long)status : 0;
+}
