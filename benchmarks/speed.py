@@ -52,6 +52,7 @@ import vsrkit  # noqa: E402
 from reference_oracle import basicsr_arch, reference_basicvsrpp  # noqa: E402
 from vsrkit.accel import keep_freed_memory, prepare_for_inference  # noqa: E402
 from vsrkit.engine import upscale_frames  # noqa: E402
+from vsrkit.ops import nnpack  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "reds_lr_000"
 MODELS = ("basicvsr", "iconvsr", "basicvsr_pp")
@@ -117,7 +118,9 @@ def clip_flops(model: torch.nn.Module, lqs: torch.Tensor) -> float:
 
 
 def dense_conv_gflops(height: int, width: int, reps: int) -> dict[str, float]:
-    """Throughput of one 64→64 3×3 conv at the benchmark size, three ways, interleaved."""
+    """Throughput of one 64→64 3×3 conv at the benchmark size, interleaved: oneDNN's direct
+    kernels (NCHW and NHWC fp32, NHWC bf16) and, where it runs, NNPACK's Winograd (fp32, its
+    FLOPs counted as the direct convolution's)."""
     conv = torch.nn.Conv2d(64, 64, 3, 1, 1).eval()
     x = torch.randn(1, 64, height, width)
     variants = {
@@ -131,6 +134,10 @@ def dense_conv_gflops(height: int, width: int, reps: int) -> dict[str, float]:
             x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last),
         ),
     }
+    if nnpack.available():
+        nnpack_conv = copy.deepcopy(conv)
+        nnpack_conv.__class__ = nnpack.NNPACKConv2d
+        variants["NCHW fp32 NNPACK"] = (nnpack_conv, x)
     flops = 2 * 64 * 64 * 9 * height * width
     calls = max(3, int(2e10 // flops))  # about 20 GFLOP per timing
     best = dict.fromkeys(variants, float("inf"))

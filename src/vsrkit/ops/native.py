@@ -58,11 +58,13 @@ _ARGTYPES = [
 
 _long = ctypes.c_long
 _NNP_ARGTYPES = [
-    _ptr, _ptr, _long, _long, _long, _long,  # nnp_convolution_inference, input, N, Cin, H, W
-    _ptr, _ptr, _long, _long,  # weight, bias, Cout, kernel size
+    _ptr, ctypes.c_int,  # nnp_convolution_inference, algorithm
+    _ptr, _long, _long, _long, _long,  # input, N, Cin, H, W
+    _ptr, _ptr, _ptr, _long, _long,  # weight, its transform (or NULL), bias, Cout, kernel size
     _ptr, _ptr, ctypes.c_int, ctypes.c_float,  # output, residual, activation, slope
-    _ptr, _long,  # scratch, its size in bytes
+    _long, _ptr, _long,  # band rows (0: automatic), scratch, its size in bytes
 ]  # fmt: skip
+_NNP_KERNEL_ARGTYPES = [_ptr, ctypes.c_int, _long, _long, _long, _ptr, _ptr, _long]
 
 
 def _cpu_signature() -> str:
@@ -118,6 +120,9 @@ def _load() -> ctypes.CDLL:
     conv = lib.vsrkit_nnp_conv2d
     conv.argtypes = _NNP_ARGTYPES
     conv.restype = ctypes.c_long
+    transform = lib.vsrkit_nnp_transform_kernel
+    transform.argtypes = _NNP_KERNEL_ARGTYPES
+    transform.restype = ctypes.c_long
     return lib
 
 

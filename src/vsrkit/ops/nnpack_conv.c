@@ -35,7 +35,8 @@ typedef int (*nnp_conv_fn)(int algorithm, int transform_strategy, size_t input_c
                            size_t *workspace_size, int activation, const void *activation_parameters,
                            void *threadpool, void *profile);
 
-enum { NNP_ALGORITHM_AUTO = 0, NNP_TRANSFORM_COMPUTE = 1, NNP_ACTIVATION_IDENTITY = 0, NNP_ACTIVATION_RELU = 1 };
+enum { NNP_TRANSFORM_COMPUTE = 1, NNP_TRANSFORM_PRECOMPUTE = 2, NNP_TRANSFORM_REUSE = 3 };
+enum { NNP_ACTIVATION_IDENTITY = 0, NNP_ACTIVATION_RELU = 1 };
 enum { ACT_NONE = 0, ACT_RELU = 1, ACT_LEAKY_RELU = 2 };
 
 static int num_threads(void) {
@@ -53,6 +54,9 @@ static int thread_index(void) {
     return 0;
 #endif
 }
+
+#define MAX_BAND_ROWS 64
+#define LARGE_IMAGE_VALUES ((size_t)8 << 20)
 
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
@@ -78,41 +82,51 @@ struct plan {
 };
 
 /* The workspace NNPACK asks for an input of `rows` rows; 0 on error (status in *status). */
-static size_t nnp_workspace(nnp_conv_fn fn, long cin, long cout, long rows, long w, long k, long pad_top,
-                            long pad_bottom, const float *in, const float *weight, const float *bias,
-                            float *out, int *status) {
+static size_t nnp_workspace(nnp_conv_fn fn, int algo, int strategy, long cin, long cout, long rows, long w,
+                            long k, long pad_top, long pad_bottom, const float *in, const float *kernel,
+                            const float *bias, float *out, int *status) {
     struct nnp_size size = {(size_t)w, (size_t)rows}, ksize = {(size_t)k, (size_t)k}, sub = {1, 1};
     struct nnp_padding pad = {(size_t)pad_top, (size_t)(k / 2), (size_t)pad_bottom, (size_t)(k / 2)};
     size_t need = 0;
-    *status = fn(NNP_ALGORITHM_AUTO, NNP_TRANSFORM_COMPUTE, (size_t)cin, (size_t)cout, size, pad, ksize, sub, in,
-                 weight, bias, out, NULL, &need, NNP_ACTIVATION_IDENTITY, NULL, NULL, NULL);
+    *status = fn(algo, strategy, (size_t)cin, (size_t)cout, size, pad, ksize, sub, in, kernel, bias, out, NULL,
+                 &need, NNP_ACTIVATION_IDENTITY, NULL, NULL, NULL);
     return need;
 }
 
-static struct plan make_plan(nnp_conv_fn fn, long n, long cin, long h, long w, long cout, long k,
-                             const float *in, const float *weight, const float *bias, float *out,
-                             int *status) {
+static struct plan make_plan(nnp_conv_fn fn, int algo, int strategy, long n, long cin, long h, long w,
+                             long cout, long k, long band_rows, const float *in, const float *kernel,
+                             const float *bias, float *out, int *status) {
     struct plan p;
     long nt = num_threads();
     long halo = k / 2;
-    /* Bands only for a single image (or a batch that does not split evenly), and only when each
-     * band keeps enough rows for the transforms' tiles to stay mostly full. More, smaller bands
-     * (to keep a band's transforms in cache) measured no faster. */
+    /* Bands for a single image (or a batch that does not split evenly), as long as each band
+     * keeps enough rows for the transforms' tiles to stay mostly full. Smaller bands (to keep
+     * a band's transforms in cache) measured no faster. */
     long bands = (n % nt == 0) ? 1 : nt;
     long min_rows = 4 * k > 16 ? 4 * k : 16;
     while (bands > 1 && h / bands < min_rows) bands--;
+    if (band_rows > 0 && h / band_rows > bands) bands = (h + band_rows - 1) / band_rows;
+    /* Large images in bands of at most MAX_BAND_ROWS rows (a multiple of the thread count): the
+     * scratch memory stays a few tens of MB per thread at 720x1280 instead of several hundred,
+     * at the cost of the halo rows' copies. */
+    size_t widest = (size_t)(cin > cout ? cin : cout);
+    if (widest * h * w > LARGE_IMAGE_VALUES && h > MAX_BAND_ROWS * (bands > 1 ? bands : nt)) {
+        long more = (h + MAX_BAND_ROWS - 1) / MAX_BAND_ROWS;
+        bands = (more + nt - 1) / nt * nt;
+    }
     p.bands = bands;
     p.band_rows = (h + bands - 1) / bands;
     *status = 0;
     if (bands == 1) {
-        p.slice = align64(nnp_workspace(fn, cin, cout, h, w, k, halo, halo, in, weight, bias, out, status));
+        p.slice = align64(nnp_workspace(fn, algo, strategy, cin, cout, h, w, k, halo, halo, in, kernel, bias, out, status));
         return p;
     }
     long in_rows = p.band_rows + 2 * halo;
-    size_t ws = nnp_workspace(fn, cin, cout, in_rows, w, k, 0, 0, in, weight, bias, out, status);
+    size_t ws = nnp_workspace(fn, algo, strategy, cin, cout, in_rows, w, k, 0, 0, in, kernel, bias, out, status);
     /* Edge bands have a padded side and fewer input rows: never more workspace, but ask. */
     int s2 = 0;
-    size_t ws_edge = nnp_workspace(fn, cin, cout, p.band_rows + halo, w, k, halo, 0, in, weight, bias, out, &s2);
+    size_t ws_edge = nnp_workspace(fn, algo, strategy, cin, cout, p.band_rows + halo, w, k, halo, 0, in, kernel, bias, out,
+                                   &s2);
     if (ws_edge > ws) ws = ws_edge;
     if (*status == 0) *status = s2;
     p.slice = align64((size_t)cin * in_rows * w * sizeof(float)) +
@@ -122,12 +136,15 @@ static struct plan make_plan(nnp_conv_fn fn, long n, long cin, long h, long w, l
 
 /* Returns 0 on success, a positive byte count when `scratch` is smaller than that (nothing is
  * computed: call again with at least that much), or -status for an NNPACK error. */
-long vsrkit_nnp_conv2d(void *fn_ptr, const float *in, long n, long cin, long h, long w, const float *weight,
-                       const float *bias, long cout, long k, float *out, const float *residual, int act,
-                       float slope, void *scratch, long scratch_bytes) {
+long vsrkit_nnp_conv2d(void *fn_ptr, int algo, const float *in, long n, long cin, long h, long w,
+                       const float *weight, const float *transformed, const float *bias, long cout, long k,
+                       float *out, const float *residual, int act, float slope, long band_rows, void *scratch,
+                       long scratch_bytes) {
     nnp_conv_fn fn = (nnp_conv_fn)fn_ptr;
     int status = 0;
-    struct plan p = make_plan(fn, n, cin, h, w, cout, k, in, weight, bias, out, &status);
+    int strategy = transformed ? NNP_TRANSFORM_REUSE : NNP_TRANSFORM_COMPUTE;
+    const float *kernel = transformed ? transformed : weight;
+    struct plan p = make_plan(fn, algo, strategy, n, cin, h, w, cout, k, band_rows, in, kernel, bias, out, &status);
     if (status != 0) return -(long)status;
     long nt = num_threads();
     size_t need = p.slice * (size_t)nt + 64;
@@ -149,8 +166,8 @@ long vsrkit_nnp_conv2d(void *fn_ptr, const float *in, long n, long cin, long h, 
                 struct nnp_padding pad = {(size_t)halo, (size_t)halo, (size_t)halo, (size_t)halo};
                 size_t ws = p.slice;
                 float *dst = out + i * out_image;
-                int s = fn(NNP_ALGORITHM_AUTO, NNP_TRANSFORM_COMPUTE, (size_t)cin, (size_t)cout, size, pad, ksize,
-                           sub, in + i * in_image, weight, bias, dst, slice, &ws,
+                int s = fn(algo, strategy, (size_t)cin, (size_t)cout, size, pad, ksize, sub, in + i * in_image,
+                           kernel, bias, dst, slice, &ws,
                            fused_relu ? NNP_ACTIVATION_RELU : NNP_ACTIVATION_IDENTITY, NULL, NULL, NULL);
                 status |= s;
                 if (s == 0 && (residual || post_act != ACT_NONE))
@@ -175,8 +192,7 @@ long vsrkit_nnp_conv2d(void *fn_ptr, const float *in, long n, long cin, long h, 
                 struct nnp_padding pad = {(size_t)(i0 - (r0 - halo)), (size_t)halo, (size_t)(r1 + halo - i1),
                                           (size_t)halo};
                 size_t ws = ws_bytes;
-                int s = fn(NNP_ALGORITHM_AUTO, NNP_TRANSFORM_COMPUTE, (size_t)cin, (size_t)cout, size, pad, ksize,
-                           sub, band_in, weight, bias, band_out, ws_ptr, &ws,
+                int s = fn(algo, strategy, (size_t)cin, (size_t)cout, size, pad, ksize, sub, band_in, kernel, bias, band_out, ws_ptr, &ws,
                            fused_relu ? NNP_ACTIVATION_RELU : NNP_ACTIVATION_IDENTITY, NULL, NULL, NULL);
                 status |= s;
                 if (s != 0) break;
@@ -189,4 +205,21 @@ long vsrkit_nnp_conv2d(void *fn_ptr, const float *in, long n, long cin, long h, 
         }
     }
     return status ? -(long)status : 0;
+}
+
+/* The kernel transform of `weight` for `algo`, reused by every later call with that weight:
+ * returns 0, the bytes needed if `dst_bytes` is too small (nothing written), or -status. */
+long vsrkit_nnp_transform_kernel(void *fn_ptr, int algo, long cin, long cout, long k, const float *weight,
+                                 void *dst, long dst_bytes) {
+    nnp_conv_fn fn = (nnp_conv_fn)fn_ptr;
+    struct nnp_size size = {16, 16}, ksize = {(size_t)k, (size_t)k}, sub = {1, 1};
+    struct nnp_padding pad = {(size_t)(k / 2), (size_t)(k / 2), (size_t)(k / 2), (size_t)(k / 2)};
+    size_t need = 0;
+    int s = fn(algo, NNP_TRANSFORM_PRECOMPUTE, (size_t)cin, (size_t)cout, size, pad, ksize, sub, NULL, weight, NULL,
+               NULL, NULL, &need, NNP_ACTIVATION_IDENTITY, NULL, NULL, NULL);
+    if (s != 0) return -(long)s;
+    if (dst == NULL || (size_t)dst_bytes < need) return (long)need;
+    s = fn(algo, NNP_TRANSFORM_PRECOMPUTE, (size_t)cin, (size_t)cout, size, pad, ksize, sub, NULL, weight, NULL,
+           NULL, dst, &need, NNP_ACTIVATION_IDENTITY, NULL, NULL, NULL);
+    return s ? -(long)s : 0;
 }
