@@ -16,6 +16,8 @@ from torch.nn import functional as F
 
 import vsrkit
 from vsrkit.accel import prepare_for_inference
+from vsrkit.engine import Upscaler
+from vsrkit.errors import VsrkitError
 from vsrkit.ops import nnpack
 
 pytestmark = pytest.mark.skipif(not nnpack.available(), reason=f"{nnpack.unavailable_reason}")
@@ -79,6 +81,16 @@ def test_cached_kernel_transform_is_reused_and_follows_the_weight():
         assert conv._vsrkit_nnp_kernel[1] is not cached
         exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
     assert relative_error(after, exact) <= nnpack.SELF_TEST_TOLERANCE
+
+
+def test_a_conv_built_in_inference_mode_runs():
+    with torch.inference_mode():
+        conv = nn.Conv2d(8, 8, 3, 1, 1)  # inference tensors: no version counter
+        conv.__class__ = nnpack.NNPACKConv2d
+        x = torch.randn(1, 8, 64, 40)
+        out = conv(x)
+        exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    assert relative_error(out, exact) <= nnpack.SELF_TEST_TOLERANCE
 
 
 def test_conv2d_takes_channels_last_input_and_no_bias():
@@ -164,3 +176,14 @@ def test_turned_off_by_the_environment(monkeypatch):
     assert not any(getattr(m, "_vsrkit_nnpack", False) for m in prepared.modules())
     with pytest.raises(RuntimeError):
         prepare_for_inference(tiny("basicvsr"), "cpu", "fp32", nnpack=True)
+
+
+def test_engine_option_chooses_the_path(monkeypatch):
+    model = tiny("basicvsr")
+    uses = lambda engine: any(getattr(m, "_vsrkit_nnpack", False) for m in engine.model.modules())  # noqa: E731
+    assert uses(Upscaler(model, device="cpu"))
+    assert not uses(Upscaler(model, device="cpu", nnpack=False))
+    monkeypatch.setenv("VSRKIT_NNPACK", "0")
+    assert not uses(Upscaler(model, device="cpu"))
+    with pytest.raises(VsrkitError, match="VSRKIT_NNPACK"):
+        Upscaler(model, device="cpu", nnpack=True)

@@ -29,8 +29,9 @@ model's minimum size), each with its own recurrent state, processed in lockstep;
 blended with linear ramps across the overlaps, so there are no seams.
 
 **Precision and speed.** On the CPU the model is first prepared by
-:func:`vsrkit.accel.prepare_for_inference` (a copy: channels_last, and for ``bf16`` bf16
-weights instead of autocast; warping grids, sampling, flow sums and the output stay fp32).
+:func:`vsrkit.accel.prepare_for_inference` (a copy: channels_last, for ``fp32`` NNPACK's
+Winograd/FFT convolutions where they run, and for ``bf16`` bf16 weights instead of autocast;
+warping grids, sampling, flow sums and the output stay fp32).
 On CUDA, ``bf16`` or ``fp16`` autocast runs the networks' convs and SPyNet stays fp32. Flows
 are computed for up to ``flow_batch`` frame pairs in one SPyNet call: its small 7×7 convs and
 coarse pyramid levels use the cores poorly one pair at a time. CPU runs also tell glibc's
@@ -95,6 +96,7 @@ class EngineOptions:
     flow_batch: int = 4
     keep_freed_memory: bool = True
     state_disk_mb: float = 2048
+    nnpack: bool | None = None  # CPU: NNPACK's Winograd/FFT convs (None: where available)
 
 
 # -- temporary storage ----------------------------------------------------------------------
@@ -254,7 +256,12 @@ class Upscaler:
         autocast_context(self.device, self.options.precision)  # validates early
         if self.device.type == "cpu":
             # A prepared copy: the caller's model keeps its dtype and memory format.
-            self.model = prepare_for_inference(model, self.device, self.options.precision)
+            try:
+                self.model = prepare_for_inference(
+                    model, self.device, self.options.precision, nnpack=self.options.nnpack
+                )
+            except RuntimeError as e:  # nnpack=True where it cannot run
+                raise VsrkitError(str(e)) from e
             if self.options.keep_freed_memory:
                 keep_freed_memory()
         else:

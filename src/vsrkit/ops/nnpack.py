@@ -178,7 +178,11 @@ def transformed_kernel(weight: Tensor, owner: nn.Module | None = None) -> Tensor
     """
     cout, cin, k, _ = weight.shape
     algo = _algorithm(k)
-    key = (weight.data_ptr(), weight._version, algo, tuple(weight.shape))
+    try:
+        version = weight._version
+    except RuntimeError:  # an inference-mode tensor has no version counter
+        version = None
+    key = (weight.data_ptr(), version, algo, tuple(weight.shape))
     cached = getattr(owner, "_vsrkit_nnp_kernel", None)
     if cached is not None and cached[0] == key:
         return cached[1]
