@@ -66,23 +66,6 @@ def test_conv2d_equals_the_exact_convolution(n, cin, cout, h, w, k, epilogue):
     assert err <= nnpack.SELF_TEST_TOLERANCE
 
 
-def test_cached_kernel_transform_is_reused_and_follows_the_weight():
-    gen = torch.Generator().manual_seed(7)
-    conv = nn.Conv2d(16, 16, 3, 1, 1)
-    conv.__class__ = nnpack.NNPACKConv2d
-    x = torch.randn(1, 16, 64, 40, generator=gen)  # at least MIN_PIXELS
-    with torch.no_grad():
-        first = conv(x)
-        cached = conv._vsrkit_nnp_kernel[1]
-        assert torch.equal(conv(x), first)
-        assert conv._vsrkit_nnp_kernel[1] is cached  # not transformed again
-        conv.weight.mul_(-2)  # in place: same storage, new version
-        after = conv(x)
-        assert conv._vsrkit_nnp_kernel[1] is not cached
-        exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
-    assert relative_error(after, exact) <= nnpack.SELF_TEST_TOLERANCE
-
-
 def test_a_conv_built_in_inference_mode_runs():
     with torch.inference_mode():
         conv = nn.Conv2d(8, 8, 3, 1, 1)  # inference tensors: no version counter

@@ -56,6 +56,7 @@ from torch import nn
 from .accel import keep_freed_memory, prepare_for_inference, prepared_precision
 from .errors import VsrkitError
 from .models.iconvsr import pad_to_multiple
+from .ops import nnpack
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_TILE = 64
@@ -351,6 +352,7 @@ class Upscaler:
             if spool is not None:
                 spool.close()
             spill.close()
+            nnpack.release_scratch()  # the NNPACK calls' scratch memory, kept between calls
 
     # -- BasicVSR / IconVSR: exact streaming -------------------------------------------------
     def _run_recurrent(self, spool: _FrameSpool, spill: _SpillDir) -> Iterator[torch.Tensor]:

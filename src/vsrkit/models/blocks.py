@@ -33,7 +33,7 @@ def conv_act(
     """
     if getattr(conv, "_vsrkit_nnpack", False) and nnpack.worth_it(x):
         # fp32 CPU models prepared with NNPACK (vsrkit.ops.nnpack): epilogue fused in C.
-        return nnpack.conv2d(x, conv.weight, conv.bias, act=act, slope=slope, residual=residual, owner=conv)
+        return nnpack.conv2d(x, conv.weight, conv.bias, act=act, slope=slope, residual=residual)
     if getattr(conv, "_vsrkit_fuse", False) and not torch.is_grad_enabled():
         w = conv.weight
         x = x.to(w.dtype).contiguous(memory_format=torch.channels_last)

@@ -60,11 +60,10 @@ _long = ctypes.c_long
 _NNP_ARGTYPES = [
     _ptr, ctypes.c_int,  # nnp_convolution_inference, algorithm
     _ptr, _long, _long, _long, _long,  # input, N, Cin, H, W
-    _ptr, _ptr, _ptr, _long, _long,  # weight, its transform (or NULL), bias, Cout, kernel size
+    _ptr, _ptr, _long, _long,  # weight, bias, Cout, kernel size
     _ptr, _ptr, ctypes.c_int, ctypes.c_float,  # output, residual, activation, slope
-    _long, _ptr, _long,  # band rows (0: automatic), scratch, its size in bytes
+    _ptr, _long,  # scratch, its size in bytes
 ]  # fmt: skip
-_NNP_KERNEL_ARGTYPES = [_ptr, ctypes.c_int, _long, _long, _long, _ptr, _ptr, _long]
 
 
 def _cpu_signature() -> str:
@@ -120,9 +119,6 @@ def _load() -> ctypes.CDLL:
     conv = lib.vsrkit_nnp_conv2d
     conv.argtypes = _NNP_ARGTYPES
     conv.restype = ctypes.c_long
-    transform = lib.vsrkit_nnp_transform_kernel
-    transform.argtypes = _NNP_KERNEL_ARGTYPES
-    transform.restype = ctypes.c_long
     return lib
 
 

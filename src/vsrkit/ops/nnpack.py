@@ -44,8 +44,6 @@ _ACTIVATIONS = {None: 0, "none": 0, "relu": 1, "leaky_relu": 2}
 ALGORITHMS = {"ft8x8": 1, "ft16x16": 2, "wt8x8": 3}
 ALGORITHM_FOR_KERNEL = {3: "wt8x8"}
 DEFAULT_ALGORITHM = "ft16x16"
-# Output rows per band, per kernel size (0: one band per thread).
-BAND_ROWS = {3: 0, 7: 0}
 # Below this many output pixels per image oneDNN's direct kernels are as fast or faster
 # (SPyNet's coarse levels, 12×20 and under, ran 1.2-3× slower through NNPACK's FFT).
 MIN_PIXELS = 2048
@@ -83,7 +81,6 @@ def _find_function() -> int:
 def _self_test() -> None:
     """Both parallel splits (whole images, bands of rows), both kernel sizes, every epilogue."""
     gen = torch.Generator().manual_seed(0)
-    holder = nn.Module()
     for n, cin, cout, h, w, k in ((1, 16, 24, 70, 45, 3), (2, 8, 16, 40, 33, 7), (3, 12, 8, 68, 20, 3)):
         x = torch.randn(n, cin, h, w, generator=gen)
         weight = torch.randn(cout, cin, k, k, generator=gen) / (cin * k * k) ** 0.5
@@ -97,8 +94,7 @@ def _self_test() -> None:
             "residual": (exact + residual.double(), {"residual": residual}),
         }
         for name, (want, kwargs) in cases.items():
-            # Once transforming the kernel at each call, once reusing its cached transform.
-            got = _conv2d(x, weight, bias, **kwargs, owner=None if name == "none" else holder).double()
+            got = _conv2d(x, weight, bias, **kwargs).double()
             err = float((got - want).abs().max() / want.abs().max())
             if not err <= SELF_TEST_TOLERANCE:
                 raise RuntimeError(f"self-test failed ({k}x{k} conv, {name}: relative error {err:.1e})")
@@ -170,42 +166,6 @@ def _algorithm(k: int) -> int:
     return ALGORITHMS[ALGORITHM_FOR_KERNEL.get(k, DEFAULT_ALGORITHM)]
 
 
-def transformed_kernel(weight: Tensor, owner: nn.Module | None = None) -> Tensor | None:
-    """NNPACK's transform of ``weight`` (fp32 OIHW), cached on ``owner`` while the weight is unchanged.
-
-    Every call with the same weight would otherwise transform it again (per band); None if
-    NNPACK cannot precompute it for this shape (then each call transforms it itself).
-    """
-    cout, cin, k, _ = weight.shape
-    algo = _algorithm(k)
-    try:
-        version = weight._version
-    except RuntimeError:  # an inference-mode tensor has no version counter
-        version = None
-    key = (weight.data_ptr(), version, algo, tuple(weight.shape))
-    cached = getattr(owner, "_vsrkit_nnp_kernel", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    lib = native.library()
-    assert lib is not None and _function is not None
-    weight = weight.detach().float().contiguous()
-    need = lib.vsrkit_nnp_transform_kernel(_function, algo, cin, cout, k, weight.data_ptr(), None, 0)
-    if need <= 0:
-        return None
-    # Kernel transforms are read with aligned vector loads: 64-byte alignment, like torch's own.
-    buf = torch.empty(need + 64, dtype=torch.uint8)
-    offset = (-buf.data_ptr()) % 64
-    view = buf[offset : offset + need]
-    status = lib.vsrkit_nnp_transform_kernel(
-        _function, algo, cin, cout, k, weight.data_ptr(), view.data_ptr(), need
-    )
-    if status != 0:
-        return None
-    if owner is not None:
-        owner._vsrkit_nnp_kernel = (key, view)
-    return view
-
-
 def _conv2d(
     x: Tensor,
     weight: Tensor,
@@ -213,14 +173,12 @@ def _conv2d(
     act: str | None = None,
     slope: float = 0.1,
     residual: Tensor | None = None,
-    owner: nn.Module | None = None,
 ) -> Tensor:
     lib = native.library()
     assert lib is not None and _function is not None
     n, cin, h, w = x.shape
     cout, _, k, _ = weight.shape
     x = x.float().contiguous()
-    transformed = transformed_kernel(weight, owner) if owner is not None else None
     weight = weight.float().contiguous()
     bias = torch.zeros(cout) if bias is None else bias.float().contiguous()
     out = torch.empty((n, cout, h, w))
@@ -231,9 +189,8 @@ def _conv2d(
     fn = lib.vsrkit_nnp_conv2d
     args = (
         (_function, _algorithm(k), x.data_ptr(), n, cin, h, w, weight.data_ptr())
-        + (None if transformed is None else transformed.data_ptr(), bias.data_ptr(), cout, k, out.data_ptr())
+        + (bias.data_ptr(), cout, k, out.data_ptr())
         + (None if residual is None else residual.data_ptr(), _ACTIVATIONS[act], float(slope))
-        + (BAND_ROWS.get(k, 0),)
     )  # fmt: skip
     buf = getattr(_scratch, "buffer", None)
     status = fn(*args, None if buf is None else buf.data_ptr(), 0 if buf is None else buf.numel())
@@ -253,14 +210,12 @@ def conv2d(
     act: str | None = None,
     slope: float = 0.1,
     residual: Tensor | None = None,
-    owner: nn.Module | None = None,
 ) -> Tensor:
     """``act(conv2d(x, weight, bias, padding=k//2) + residual)`` in fp32 through NNPACK.
 
     ``act`` is None, ``"relu"`` or ``"leaky_relu"`` (negative ``slope``). ``x`` is (N, C, H, W)
     on the CPU, any memory format (converted to NCHW fp32); the result is NCHW fp32. No
-    autograd. ``owner`` (the conv module holding ``weight``) caches the weight's transform.
-    Raises RuntimeError if :func:`available` is False.
+    autograd. Raises RuntimeError if :func:`available` is False.
     """
     if not available():
         raise RuntimeError(unavailable_reason or "NNPACK convolutions are turned off (VSRKIT_NNPACK=0)")
@@ -270,7 +225,7 @@ def conv2d(
     if kh != kw or kh % 2 == 0 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"unsupported shapes: input {tuple(x.shape)}, weight {tuple(weight.shape)}")
     with torch.no_grad():
-        return _conv2d(x, weight, bias, act, slope, residual, owner)
+        return _conv2d(x, weight, bias, act, slope, residual)
 
 
 class NNPACKConv2d(nn.Conv2d):
@@ -284,4 +239,4 @@ class NNPACKConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if not worth_it(x):
             return super().forward(x)
-        return _conv2d(x, self.weight, self.bias, owner=self)
+        return _conv2d(x, self.weight, self.bias)

@@ -35,7 +35,7 @@ typedef int (*nnp_conv_fn)(int algorithm, int transform_strategy, size_t input_c
                            size_t *workspace_size, int activation, const void *activation_parameters,
                            void *threadpool, void *profile);
 
-enum { NNP_TRANSFORM_COMPUTE = 1, NNP_TRANSFORM_PRECOMPUTE = 2, NNP_TRANSFORM_REUSE = 3 };
+enum { NNP_TRANSFORM_COMPUTE = 1 };
 enum { NNP_ACTIVATION_IDENTITY = 0, NNP_ACTIVATION_RELU = 1 };
 enum { ACT_NONE = 0, ACT_RELU = 1, ACT_LEAKY_RELU = 2 };
 
@@ -82,20 +82,20 @@ struct plan {
 };
 
 /* The workspace NNPACK asks for an input of `rows` rows; 0 on error (status in *status). */
-static size_t nnp_workspace(nnp_conv_fn fn, int algo, int strategy, long cin, long cout, long rows, long w,
-                            long k, long pad_top, long pad_bottom, const float *in, const float *kernel,
+static size_t nnp_workspace(nnp_conv_fn fn, int algo, long cin, long cout, long rows, long w, long k,
+                            long pad_top, long pad_bottom, const float *in, const float *weight,
                             const float *bias, float *out, int *status) {
     struct nnp_size size = {(size_t)w, (size_t)rows}, ksize = {(size_t)k, (size_t)k}, sub = {1, 1};
     struct nnp_padding pad = {(size_t)pad_top, (size_t)(k / 2), (size_t)pad_bottom, (size_t)(k / 2)};
     size_t need = 0;
-    *status = fn(algo, strategy, (size_t)cin, (size_t)cout, size, pad, ksize, sub, in, kernel, bias, out, NULL,
-                 &need, NNP_ACTIVATION_IDENTITY, NULL, NULL, NULL);
+    *status = fn(algo, NNP_TRANSFORM_COMPUTE, (size_t)cin, (size_t)cout, size, pad, ksize, sub, in, weight, bias,
+                 out, NULL, &need, NNP_ACTIVATION_IDENTITY, NULL, NULL, NULL);
     return need;
 }
 
-static struct plan make_plan(nnp_conv_fn fn, int algo, int strategy, long n, long cin, long h, long w,
-                             long cout, long k, long band_rows, const float *in, const float *kernel,
-                             const float *bias, float *out, int *status) {
+static struct plan make_plan(nnp_conv_fn fn, int algo, long n, long cin, long h, long w, long cout, long k,
+                             const float *in, const float *weight, const float *bias, float *out,
+                             int *status) {
     struct plan p;
     long nt = num_threads();
     long halo = k / 2;
@@ -105,7 +105,6 @@ static struct plan make_plan(nnp_conv_fn fn, int algo, int strategy, long n, lon
     long bands = (n % nt == 0) ? 1 : nt;
     long min_rows = 4 * k > 16 ? 4 * k : 16;
     while (bands > 1 && h / bands < min_rows) bands--;
-    if (band_rows > 0 && h / band_rows > bands) bands = (h + band_rows - 1) / band_rows;
     /* Large images in bands of at most MAX_BAND_ROWS rows (a multiple of the thread count): the
      * scratch memory stays a few tens of MB per thread at 720x1280 instead of several hundred,
      * at the cost of the halo rows' copies. */
@@ -118,15 +117,15 @@ static struct plan make_plan(nnp_conv_fn fn, int algo, int strategy, long n, lon
     p.band_rows = (h + bands - 1) / bands;
     *status = 0;
     if (bands == 1) {
-        p.slice = align64(nnp_workspace(fn, algo, strategy, cin, cout, h, w, k, halo, halo, in, kernel, bias, out, status));
+        p.slice = align64(nnp_workspace(fn, algo, cin, cout, h, w, k, halo, halo, in, weight, bias, out, status));
         return p;
     }
     long in_rows = p.band_rows + 2 * halo;
-    size_t ws = nnp_workspace(fn, algo, strategy, cin, cout, in_rows, w, k, 0, 0, in, kernel, bias, out, status);
+    size_t ws = nnp_workspace(fn, algo, cin, cout, in_rows, w, k, 0, 0, in, weight, bias, out, status);
     /* Edge bands have a padded side and fewer input rows: never more workspace, but ask. */
     int s2 = 0;
-    size_t ws_edge = nnp_workspace(fn, algo, strategy, cin, cout, p.band_rows + halo, w, k, halo, 0, in, kernel, bias, out,
-                                   &s2);
+    size_t ws_edge =
+        nnp_workspace(fn, algo, cin, cout, p.band_rows + halo, w, k, halo, 0, in, weight, bias, out, &s2);
     if (ws_edge > ws) ws = ws_edge;
     if (*status == 0) *status = s2;
     p.slice = align64((size_t)cin * in_rows * w * sizeof(float)) +
@@ -137,14 +136,13 @@ static struct plan make_plan(nnp_conv_fn fn, int algo, int strategy, long n, lon
 /* Returns 0 on success, a positive byte count when `scratch` is smaller than that (nothing is
  * computed: call again with at least that much), or -status for an NNPACK error. */
 long vsrkit_nnp_conv2d(void *fn_ptr, int algo, const float *in, long n, long cin, long h, long w,
-                       const float *weight, const float *transformed, const float *bias, long cout, long k,
-                       float *out, const float *residual, int act, float slope, long band_rows, void *scratch,
-                       long scratch_bytes) {
+                       const float *weight, const float *bias, long cout, long k, float *out,
+                       const float *residual, int act, float slope, void *scratch, long scratch_bytes) {
     nnp_conv_fn fn = (nnp_conv_fn)fn_ptr;
     int status = 0;
-    int strategy = transformed ? NNP_TRANSFORM_REUSE : NNP_TRANSFORM_COMPUTE;
-    const float *kernel = transformed ? transformed : weight;
-    struct plan p = make_plan(fn, algo, strategy, n, cin, h, w, cout, k, band_rows, in, kernel, bias, out, &status);
+    /* The kernel is transformed at each call: caching its transforms (7x the weights' size for
+     * Winograd 8x8, ~180 MB for BasicVSR) measured no faster. */
+    struct plan p = make_plan(fn, algo, n, cin, h, w, cout, k, in, weight, bias, out, &status);
     if (status != 0) return -(long)status;
     long nt = num_threads();
     size_t need = p.slice * (size_t)nt + 64;
@@ -154,6 +152,7 @@ long vsrkit_nnp_conv2d(void *fn_ptr, int algo, const float *in, long n, long cin
     size_t plane = (size_t)h * w, in_image = (size_t)cin * plane, out_image = (size_t)cout * plane;
     int fused_relu = act == ACT_RELU && residual == NULL;
     int post_act = fused_relu ? ACT_NONE : act;
+    int nnp_act = fused_relu ? NNP_ACTIVATION_RELU : NNP_ACTIVATION_IDENTITY;
 
 #pragma omp parallel reduction(| : status)
     {
@@ -166,16 +165,16 @@ long vsrkit_nnp_conv2d(void *fn_ptr, int algo, const float *in, long n, long cin
                 struct nnp_padding pad = {(size_t)halo, (size_t)halo, (size_t)halo, (size_t)halo};
                 size_t ws = p.slice;
                 float *dst = out + i * out_image;
-                int s = fn(algo, strategy, (size_t)cin, (size_t)cout, size, pad, ksize, sub, in + i * in_image,
-                           kernel, bias, dst, slice, &ws,
-                           fused_relu ? NNP_ACTIVATION_RELU : NNP_ACTIVATION_IDENTITY, NULL, NULL, NULL);
+                int s = fn(algo, NNP_TRANSFORM_COMPUTE, (size_t)cin, (size_t)cout, size, pad, ksize, sub,
+                           in + i * in_image, weight, bias, dst, slice, &ws, nnp_act, NULL, NULL, NULL);
                 status |= s;
                 if (s == 0 && (residual || post_act != ACT_NONE))
                     epilogue(dst, dst, residual ? residual + i * out_image : NULL, out_image, post_act, slope);
             }
         } else {
             float *band_in = (float *)slice;
-            float *band_out = (float *)(slice + align64((size_t)cin * (p.band_rows + 2 * halo) * w * sizeof(float)));
+            size_t band_in_bytes = (size_t)cin * (p.band_rows + 2 * halo) * w * sizeof(float);
+            float *band_out = (float *)(slice + align64(band_in_bytes));
             char *ws_ptr = (char *)band_out + align64((size_t)cout * p.band_rows * w * sizeof(float));
             size_t ws_bytes = p.slice - (size_t)(ws_ptr - slice);
             for (long job = t; job < n * p.bands; job += nt) {
@@ -192,14 +191,15 @@ long vsrkit_nnp_conv2d(void *fn_ptr, int algo, const float *in, long n, long cin
                 struct nnp_padding pad = {(size_t)(i0 - (r0 - halo)), (size_t)halo, (size_t)(r1 + halo - i1),
                                           (size_t)halo};
                 size_t ws = ws_bytes;
-                int s = fn(algo, strategy, (size_t)cin, (size_t)cout, size, pad, ksize, sub, band_in, kernel, bias, band_out, ws_ptr, &ws,
-                           fused_relu ? NNP_ACTIVATION_RELU : NNP_ACTIVATION_IDENTITY, NULL, NULL, NULL);
+                int s = fn(algo, NNP_TRANSFORM_COMPUTE, (size_t)cin, (size_t)cout, size, pad, ksize, sub, band_in,
+                           weight, bias, band_out, ws_ptr, &ws, nnp_act, NULL, NULL, NULL);
                 status |= s;
                 if (s != 0) break;
                 for (long c = 0; c < cout; c++) {
                     size_t offset = i * out_image + c * plane + (size_t)r0 * w;
-                    epilogue(out + offset, band_out + (size_t)c * rows_out * w, residual ? residual + offset : NULL,
-                             (size_t)rows_out * w, post_act, slope);
+                    const float *res = residual ? residual + offset : NULL;
+                    epilogue(out + offset, band_out + (size_t)c * rows_out * w, res, (size_t)rows_out * w,
+                             post_act, slope);
                 }
             }
         }
@@ -207,19 +207,3 @@ long vsrkit_nnp_conv2d(void *fn_ptr, int algo, const float *in, long n, long cin
     return status ? -(long)status : 0;
 }
 
-/* The kernel transform of `weight` for `algo`, reused by every later call with that weight:
- * returns 0, the bytes needed if `dst_bytes` is too small (nothing written), or -status. */
-long vsrkit_nnp_transform_kernel(void *fn_ptr, int algo, long cin, long cout, long k, const float *weight,
-                                 void *dst, long dst_bytes) {
-    nnp_conv_fn fn = (nnp_conv_fn)fn_ptr;
-    struct nnp_size size = {16, 16}, ksize = {(size_t)k, (size_t)k}, sub = {1, 1};
-    struct nnp_padding pad = {(size_t)(k / 2), (size_t)(k / 2), (size_t)(k / 2), (size_t)(k / 2)};
-    size_t need = 0;
-    int s = fn(algo, NNP_TRANSFORM_PRECOMPUTE, (size_t)cin, (size_t)cout, size, pad, ksize, sub, NULL, weight, NULL,
-               NULL, NULL, &need, NNP_ACTIVATION_IDENTITY, NULL, NULL, NULL);
-    if (s != 0) return -(long)s;
-    if (dst == NULL || (size_t)dst_bytes < need) return (long)need;
-    s = fn(algo, NNP_TRANSFORM_PRECOMPUTE, (size_t)cin, (size_t)cout, size, pad, ksize, sub, NULL, weight, NULL,
-           NULL, dst, &need, NNP_ACTIVATION_IDENTITY, NULL, NULL, NULL);
-    return s ? -(long)s : 0;
-}
