@@ -170,3 +170,21 @@ def test_engine_option_chooses_the_path(monkeypatch):
     assert not uses(Upscaler(model, device="cpu"))
     with pytest.raises(VsrkitError, match="VSRKIT_NNPACK"):
         Upscaler(model, device="cpu", nnpack=True)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_conv2d_with_other_thread_counts(threads):
+    """One thread (no bands) and an odd team (three bands, a batch of 2 that does not split)."""
+    gen = torch.Generator().manual_seed(threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n in (1, 2):
+            x = torch.randn(n, 16, 97, 41, generator=gen)
+            weight = torch.randn(24, 16, 3, 3, generator=gen) / 12
+            residual = torch.randn(n, 24, 97, 41, generator=gen)
+            out = nnpack.conv2d(x, weight, residual=residual)
+            exact = F.conv2d(x.double(), weight.double(), padding=1) + residual.double()
+            assert relative_error(out, exact) <= nnpack.SELF_TEST_TOLERANCE
+    finally:
+        torch.set_num_threads(before)
