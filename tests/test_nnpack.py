@@ -14,15 +14,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import vsrkit
+from test_fast_paths import ARCHS, tiny
 from vsrkit.accel import prepare_for_inference
 from vsrkit.engine import Upscaler
 from vsrkit.errors import VsrkitError
 from vsrkit.ops import nnpack
 
 pytestmark = pytest.mark.skipif(not nnpack.available(), reason=f"{nnpack.unavailable_reason}")
-
-ARCHS = ["basicvsr", "iconvsr", "basicvsr_pp"]
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -116,18 +114,6 @@ def test_nnpack_module_is_a_plain_conv_under_autograd():
     assert x.grad is not None
     with torch.no_grad():
         assert relative_error(conv(x), plain(x).double()) <= nnpack.SELF_TEST_TOLERANCE
-
-
-def tiny(arch: str) -> nn.Module:
-    torch.manual_seed(0)
-    config = {"mid_channels": 16, "num_blocks": 2}
-    if arch == "iconvsr":
-        config["edvr_channels"] = 8
-    model = vsrkit.create_model(arch, **config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (0.02 if "conv_offset" in name else 0.01))
-    return model
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -3,11 +3,11 @@
 A direct fp32 convolution cannot beat the cores' FMA peak: oneDNN's 64→64 3×3 conv runs at
 about 200 GFLOP/s on 2 Zen 4 cores, which is that peak. Winograd's F(6×6, 3×3) needs about a
 fifth of the multiplications, FFT convolutions fewer still for 7×7 kernels, so NNPACK, which
-PyTorch links into ``libtorch_cpu``, computes the same convolution in 55-60 % of the time for
-the models' 3×3 layers and in a third for SPyNet's 7×7 ones (``benchmarks/speed.py``,
-docs/speed.md). The price is rounding: Winograd's transforms put the result about 1e-5
-relative from a direct convolution's (a direct fp32 conv is about 1e-7 away from the exact
-sum), measured at 90+ dB PSNR on the models' 8-bit outputs, and checked by a self-test when
+PyTorch links into ``libtorch_cpu``, computes the same convolutions in 55-90 % of the time for
+the models' 3×3 layers (the trunks' 64→64 convs gain least: NNPACK's transforms are
+memory-bound) and in a quarter to a third for SPyNet's 7×7 ones (docs/speed.md). The price is
+rounding: about 1e-5 of the output's scale instead of ~1e-7 for a direct convolution (104-106
+dB against the reference's 8-bit output instead of 106-109), checked by a self-test when
 first used and by ``tests/test_nnpack.py``.
 
 PyTorch's own entry point (``torch._nnpack_spatial_convolution``) runs NNPACK on a separate
