@@ -9,6 +9,8 @@ outputs (≤ 1e-4, i.e. far below one 8-bit level).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -174,3 +176,9 @@ def test_conv2d_with_other_thread_counts(threads):
             assert relative_error(out, exact) <= nnpack.SELF_TEST_TOLERANCE
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="Linux only")
+def test_pytorchs_library_is_found_among_the_loaded_ones():
+    """The fallback where torch/lib has no libtorch_cpu (other packagings): the mapped files."""
+    assert any(p.name.startswith("libtorch_cpu") for p in nnpack._loaded_libraries("libtorch"))

@@ -59,10 +59,21 @@ def _disabled() -> bool:
     return os.environ.get("VSRKIT_NNPACK", "1").strip().lower() in ("0", "false", "no", "off")
 
 
+def _loaded_libraries(prefix: str) -> list[Path]:
+    """Shared libraries mapped into this process whose file names start with ``prefix`` (Linux)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    # Fields: address, perms, offset, device, inode, path (absent for anonymous mappings).
+    paths = {Path(f[5]) for f in map(str.split, lines) if len(f) >= 6 and ".so" in f[5]}
+    return sorted(p for p in paths if p.name.startswith(prefix))
+
+
 def _find_function() -> int:
     """The address of ``nnp_convolution_inference`` in PyTorch's library, NNPACK initialised."""
     lib_dir = Path(torch.__file__).resolve().parent / "lib"
-    candidates = sorted(lib_dir.glob("libtorch_cpu*.so*")) or sorted(lib_dir.glob("libtorch*.so*"))
+    candidates = sorted(lib_dir.glob("libtorch_cpu*.so*")) or _loaded_libraries("libtorch")
     for path in candidates:
         try:
             lib = ctypes.CDLL(str(path))
