@@ -23,21 +23,20 @@
 * **CPU: fused epilogues.** ReLU/LeakyReLU and the residual sums of the blocks are fused
   into the convolutions (oneDNN post-ops, see :func:`vsrkit.models.blocks.conv_act`): the
   separate elementwise passes took 10-20 % of a trunk. Bit-identical in fp32.
-* **CUDA and other devices: unchanged** (the model is moved and put in eval mode); the engine
-  keeps using autocast there, so nothing here can slow the GPU path.
-
 * **CPU, fp32: NNPACK.** Where :func:`vsrkit.ops.nnpack.available`, the stride-1
   convolutions run through NNPACK's Winograd (3×3) and FFT (7×7) kernels on NCHW weights:
   fewer multiplications than the direct convolution, whose fp32 speed is the cores' FMA peak.
   Under bf16 only SPyNet does (in fp32: faster than its bf16 direct convs). ``nnpack=False``
   keeps oneDNN's direct convolutions (bit-identical to the plain model in fp32).
 * **CPU: sub-pixel convs in (i, j, c) channel order** so that the ×2 pixel shuffles of the
-  tail move contiguous runs of channels (see
+  tail move contiguous runs of channels (oneDNN's channels-last convs only; see
   :func:`vsrkit.models.blocks.reorder_for_subpixel_last`).
+* **CUDA and other devices: unchanged** (the model is moved and put in eval mode); the engine
+  keeps using autocast there, so nothing here can slow the GPU path.
 
 The prepared copy has the same ``state_dict`` keys, but its tensors are bf16 after a bf16
-preparation and its ``upconv1``/``upconv2`` channels are reordered: save checkpoints from the
-original model.
+preparation and, where they run on oneDNN, its ``upconv1``/``upconv2`` channels are
+reordered: save checkpoints from the original model.
 """
 
 from __future__ import annotations

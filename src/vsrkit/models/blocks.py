@@ -28,8 +28,8 @@ def conv_act(
     map cost 10-20 % of a trunk. In fp32 the fused result is bit-identical; in bf16 the sum is
     rounded once instead of twice. On convs prepared for NNPACK (``conv._vsrkit_nnpack``, fp32)
     it is NNPACK's Winograd/FFT convolution with the epilogue fused (:mod:`vsrkit.ops.nnpack`).
-    Everywhere else (training, CUDA, unprepared models) it is
-    the plain module call followed by the plain op.
+    Everywhere else (training, CUDA, unprepared models) it is the plain module call followed
+    by the plain op.
     """
     if getattr(conv, "_vsrkit_nnpack", False) and nnpack.worth_it(x):
         # fp32 CPU models prepared with NNPACK (vsrkit.ops.nnpack): epilogue fused in C.
