@@ -20,7 +20,9 @@ number of frames. The cores may be shared with other work: compare the ratios of
 absolute times across runs. Outputs are compared as 8-bit frames against the reference's fp32
 output (PSNR over all frames). GFLOP/s count conv and GEMM FLOPs (``torch.utils.flop_counter``
 on the fp32 model, deformable convs included) per second of the whole clip, next to the
-throughput of a dense 64→64 3×3 convolution measured at the same size in the same run.
+throughput of a dense 64→64 3×3 convolution measured at the same size in the same run:
+oneDNN's direct kernels and, where vsrkit's fp32 path runs it, NNPACK's Winograd (counted with
+the direct convolution's FLOPs, so it can exceed the cores' FMA peak).
 
     python benchmarks/speed.py                                   # 180x320, T=5, all models
     python benchmarks/speed.py --size 64x64 --frames 5 --reps 1  # a quick look
