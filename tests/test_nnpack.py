@@ -76,6 +76,24 @@ def test_a_conv_built_in_inference_mode_runs():
     assert relative_error(out, exact) <= nnpack.SELF_TEST_TOLERANCE
 
 
+@pytest.mark.parametrize(("n", "h", "w"), [(1, 90, 160), (2, 40, 64), (3, 50, 41), (1, 6, 9)])
+def test_conv2d_pixel_shuffle_equals_conv_then_shuffle(n, h, w):
+    """The tail's sub-pixel convs: the x2 shuffle written as the result is stored."""
+    gen = torch.Generator().manual_seed(h)
+    x = torch.randn(n, 16, h, w, generator=gen)
+    weight = torch.randn(64, 16, 3, 3, generator=gen) / 12
+    bias = torch.randn(64, generator=gen)
+    out = nnpack.conv2d(x, weight, bias, act="leaky_relu", slope=0.1, pixel_shuffle=True)
+    conv = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    exact = F.pixel_shuffle(F.leaky_relu(conv, 0.1), 2)
+    assert out.shape == exact.shape == (n, 16, 2 * h, 2 * w)
+    assert relative_error(out, exact) <= nnpack.SELF_TEST_TOLERANCE
+    with pytest.raises(ValueError, match="pixel_shuffle"):
+        nnpack.conv2d(x, weight[:6], bias[:6], pixel_shuffle=True)
+    with pytest.raises(ValueError, match="pixel_shuffle"):
+        nnpack.conv2d(x, weight, bias, residual=torch.zeros(n, 64, h, w), pixel_shuffle=True)
+
+
 def test_conv2d_takes_channels_last_input_and_no_bias():
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(1, 16, 33, 47, generator=gen).contiguous(memory_format=torch.channels_last)

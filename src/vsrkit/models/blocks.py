@@ -139,6 +139,15 @@ def pixel_shuffle2(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def conv_act_shuffle2(
+    conv: nn.Conv2d, x: torch.Tensor, act: str = "leaky_relu", slope: float = 0.1
+) -> torch.Tensor:
+    """``F.pixel_shuffle(act(conv(x)), 2)``; through NNPACK the shuffle is done as it stores."""
+    if getattr(conv, "_vsrkit_nnpack", False) and nnpack.worth_it(x):
+        return nnpack.conv2d(x, conv.weight, conv.bias, act=act, slope=slope, pixel_shuffle=True)
+    return pixel_shuffle2(conv, conv_act(conv, x, act, slope))
+
+
 def run_upsample_tail(
     model: nn.Module, feat: torch.Tensor, lq: torch.Tensor, upscale_base: bool = True
 ) -> torch.Tensor:
@@ -149,8 +158,8 @@ def run_upsample_tail(
     """
     # The activation commutes with pixel_shuffle (a permutation), so it is applied first, where
     # it can be fused into the conv; the result is the same.
-    out = pixel_shuffle2(model.upconv1, conv_act(model.upconv1, feat, "leaky_relu", 0.1))
-    out = pixel_shuffle2(model.upconv2, conv_act(model.upconv2, out, "leaky_relu", 0.1))
+    out = conv_act_shuffle2(model.upconv1, feat, "leaky_relu", 0.1)
+    out = conv_act_shuffle2(model.upconv2, out, "leaky_relu", 0.1)
     out = conv_act(model.conv_hr, out, "leaky_relu", 0.1)
     out = conv_act(model.conv_last, out)
     base = F.interpolate(lq, scale_factor=4, mode="bilinear", align_corners=False) if upscale_base else lq

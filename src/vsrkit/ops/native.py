@@ -62,7 +62,7 @@ _NNP_ARGTYPES = [
     _ptr, _long, _long, _long, _long,  # input, N, Cin, H, W
     _ptr, _ptr, _long, _long,  # weight, bias, Cout, kernel size
     _ptr, _ptr, ctypes.c_int, ctypes.c_float,  # output, residual, activation, slope
-    _ptr, _long,  # scratch, its size in bytes
+    ctypes.c_int, _ptr, _long,  # x2 pixel shuffle, scratch, its size in bytes
 ]  # fmt: skip
 
 

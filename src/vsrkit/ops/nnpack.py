@@ -109,6 +109,11 @@ def _self_test() -> None:
             err = float((got - want).abs().max() / want.abs().max())
             if not err <= SELF_TEST_TOLERANCE:
                 raise RuntimeError(f"self-test failed ({k}x{k} conv, {name}: relative error {err:.1e})")
+        got = _conv2d(x, weight, bias, "relu", pixel_shuffle=cout % 4 == 0).double()
+        want = F.pixel_shuffle(exact.relu(), 2) if cout % 4 == 0 else exact.relu()
+        err = float((got - want).abs().max() / want.abs().max())
+        if not err <= SELF_TEST_TOLERANCE:
+            raise RuntimeError(f"self-test failed ({k}x{k} conv, pixel shuffle: relative error {err:.1e})")
 
 
 def available() -> bool:
@@ -184,6 +189,7 @@ def _conv2d(
     act: str | None = None,
     slope: float = 0.1,
     residual: Tensor | None = None,
+    pixel_shuffle: bool = False,
 ) -> Tensor:
     lib = native.library()
     assert lib is not None and _function is not None
@@ -192,7 +198,7 @@ def _conv2d(
     x = x.float().contiguous()
     weight = weight.float().contiguous()
     bias = torch.zeros(cout) if bias is None else bias.float().contiguous()
-    out = torch.empty((n, cout, h, w))
+    out = torch.empty((n, cout // 4, 2 * h, 2 * w) if pixel_shuffle else (n, cout, h, w))
     if residual is not None:
         residual = residual.float().contiguous()
         if residual.shape != out.shape:
@@ -202,6 +208,7 @@ def _conv2d(
         (_function, _algorithm(k), x.data_ptr(), n, cin, h, w, weight.data_ptr())
         + (bias.data_ptr(), cout, k, out.data_ptr())
         + (None if residual is None else residual.data_ptr(), _ACTIVATIONS[act], float(slope))
+        + (int(pixel_shuffle),)
     )  # fmt: skip
     buf = getattr(_scratch, "buffer", None)
     status = fn(*args, None if buf is None else buf.data_ptr(), 0 if buf is None else buf.numel())
@@ -221,12 +228,15 @@ def conv2d(
     act: str | None = None,
     slope: float = 0.1,
     residual: Tensor | None = None,
+    pixel_shuffle: bool = False,
 ) -> Tensor:
     """``act(conv2d(x, weight, bias, padding=k//2) + residual)`` in fp32 through NNPACK.
 
     ``act`` is None, ``"relu"`` or ``"leaky_relu"`` (negative ``slope``). ``x`` is (N, C, H, W)
     on the CPU, any memory format (converted to NCHW fp32); the result is NCHW fp32. No
-    autograd. Raises RuntimeError if :func:`available` is False.
+    autograd. ``pixel_shuffle=True`` returns ``F.pixel_shuffle(result, 2)``, written in place
+    as the result is stored (Cout a multiple of 4, no residual). Raises RuntimeError if
+    :func:`available` is False.
     """
     if not available():
         raise RuntimeError(unavailable_reason or "NNPACK convolutions are turned off (VSRKIT_NNPACK=0)")
@@ -235,8 +245,10 @@ def conv2d(
     kh, kw = weight.shape[-2:]
     if kh != kw or kh % 2 == 0 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"unsupported shapes: input {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if pixel_shuffle and (weight.shape[0] % 4 or residual is not None):
+        raise ValueError("pixel_shuffle needs a multiple of 4 output channels and no residual")
     with torch.no_grad():
-        return _conv2d(x, weight, bias, act, slope, residual)
+        return _conv2d(x, weight, bias, act, slope, residual, pixel_shuffle)
 
 
 class NNPACKConv2d(nn.Conv2d):

@@ -76,7 +76,8 @@ static void epilogue(float *out, const float *src, const float *res, size_t n, i
 }
 
 struct plan {
-    long bands;     /* bands per image (1: whole images, one per thread) */
+    int direct;     /* whole images written in place by NNPACK, one per thread */
+    long bands;     /* bands of rows per image, each copied in and out of a private buffer */
     long band_rows; /* output rows per band */
     size_t slice;   /* scratch bytes per thread */
 };
@@ -94,8 +95,8 @@ static size_t nnp_workspace(nnp_conv_fn fn, int algo, long cin, long cout, long 
 }
 
 static struct plan make_plan(nnp_conv_fn fn, int algo, long n, long cin, long h, long w, long cout, long k,
-                             const float *in, const float *weight, const float *bias, float *out,
-                             int *status) {
+                             int copy_out, const float *in, const float *weight, const float *bias,
+                             float *out, int *status) {
     struct plan p;
     long nt = num_threads();
     long halo = k / 2;
@@ -116,7 +117,8 @@ static struct plan make_plan(nnp_conv_fn fn, int algo, long n, long cin, long h,
     p.bands = bands;
     p.band_rows = (h + bands - 1) / bands;
     *status = 0;
-    if (bands == 1) {
+    p.direct = bands == 1 && !copy_out;
+    if (p.direct) {
         p.slice = align64(nnp_workspace(fn, algo, cin, cout, h, w, k, halo, halo, in, weight, bias, out, status));
         return p;
     }
@@ -133,16 +135,46 @@ static struct plan make_plan(nnp_conv_fn fn, int algo, long n, long cin, long h,
     return p;
 }
 
+/* Rows [r0, r1) of output channel `co` of image `img` (src: rows_out x w values) into `out`,
+ * through the epilogue; with `shuffle`, at their places after a x2 pixel shuffle
+ * (F.pixel_shuffle's order: channel 4c + 2i + j goes to pixel (2y + i, 2x + j) of channel c),
+ * which saves the shuffle's own pass over the 4x larger result. */
+static void store_rows(float *out, const float *src, const float *residual, long img, long co, long cout, long h,
+                       long w, long r0, long r1, int shuffle, int act, float slope) {
+    size_t plane = (size_t)h * w;
+    if (!shuffle) {
+        size_t offset = ((size_t)img * cout + co) * plane + (size_t)r0 * w;
+        epilogue(out + offset, src, residual ? residual + offset : NULL, (size_t)(r1 - r0) * w, act, slope);
+        return;
+    }
+    long c = co / 4, i = (co / 2) % 2, j = co % 2;
+    float *dst_plane = out + ((size_t)img * (cout / 4) + c) * 4 * plane;
+    for (long y = r0; y < r1; y++) {
+        const float *row = src + (size_t)(y - r0) * w;
+        float *dst = dst_plane + (size_t)(2 * y + i) * 2 * w + j;
+        for (long x = 0; x < w; x++) {
+            float v = row[x];
+            if (act == ACT_RELU) v = v > 0.0f ? v : 0.0f;
+            else if (act == ACT_LEAKY_RELU) v = v < 0.0f ? v * slope : v;
+            dst[2 * x] = v;
+        }
+    }
+}
+
 /* Returns 0 on success, a positive byte count when `scratch` is smaller than that (nothing is
- * computed: call again with at least that much), or -status for an NNPACK error. */
+ * computed: call again with at least that much), or -status for an NNPACK error. With
+ * `shuffle` (Cout a multiple of 4, no residual), `out` is the x2 pixel shuffle of the result,
+ * (N, Cout/4, 2H, 2W). */
 long vsrkit_nnp_conv2d(void *fn_ptr, int algo, const float *in, long n, long cin, long h, long w,
                        const float *weight, const float *bias, long cout, long k, float *out,
-                       const float *residual, int act, float slope, void *scratch, long scratch_bytes) {
+                       const float *residual, int act, float slope, int shuffle, void *scratch,
+                       long scratch_bytes) {
     nnp_conv_fn fn = (nnp_conv_fn)fn_ptr;
     int status = 0;
     /* The kernel is transformed at each call: caching its transforms (7x the weights' size for
      * Winograd 8x8, ~180 MB for BasicVSR) measured no faster. */
-    struct plan p = make_plan(fn, algo, n, cin, h, w, cout, k, in, weight, bias, out, &status);
+    if (shuffle && (cout % 4 != 0 || residual != NULL)) return -1000;
+    struct plan p = make_plan(fn, algo, n, cin, h, w, cout, k, shuffle, in, weight, bias, out, &status);
     if (status != 0) return -(long)status;
     long nt = num_threads();
     size_t need = p.slice * (size_t)nt + 64;
@@ -159,7 +191,7 @@ long vsrkit_nnp_conv2d(void *fn_ptr, int algo, const float *in, long n, long cin
         long t = thread_index();
         char *slice = base + p.slice * (size_t)t;
         struct nnp_size ksize = {(size_t)k, (size_t)k}, sub = {1, 1};
-        if (p.bands == 1) {
+        if (p.direct) {
             for (long i = t; i < n; i += nt) {
                 struct nnp_size size = {(size_t)w, (size_t)h};
                 struct nnp_padding pad = {(size_t)halo, (size_t)halo, (size_t)halo, (size_t)halo};
@@ -195,12 +227,9 @@ long vsrkit_nnp_conv2d(void *fn_ptr, int algo, const float *in, long n, long cin
                            weight, bias, band_out, ws_ptr, &ws, nnp_act, NULL, NULL, NULL);
                 status |= s;
                 if (s != 0) break;
-                for (long c = 0; c < cout; c++) {
-                    size_t offset = i * out_image + c * plane + (size_t)r0 * w;
-                    const float *res = residual ? residual + offset : NULL;
-                    epilogue(out + offset, band_out + (size_t)c * rows_out * w, res, (size_t)rows_out * w,
-                             post_act, slope);
-                }
+                for (long c = 0; c < cout; c++)
+                    store_rows(out, band_out + (size_t)c * rows_out * w, residual, i, c, cout, h, w, r0, r1,
+                               shuffle, post_act, slope);
             }
         }
     }
