@@ -153,9 +153,13 @@ def test_forward_matches_torchvision(name: str) -> None:
         assert _rel_diff(name, _ours(a), _reference(a)) <= FP32_REL
 
 
-def test_sampling_edges_match_torchvision() -> None:
-    """Samples exactly on and just around the image border, and far outside it."""
-    a = _inputs(1, 4, 3, 1, 6, 7, with_bias=False)
+@pytest.mark.parametrize("group_channels", [4, 8])
+def test_sampling_edges_match_torchvision(group_channels: int) -> None:
+    """Samples exactly on and just around the image border, and far outside it.
+
+    Eight channels per group take the native kernel's vector path, four its plain loop.
+    """
+    a = _inputs(1, group_channels, 3, 1, 6, 7, with_bias=False)
     ho, wo = 6, 7
     # Kernel position (1, 1) samples at (y, x) + offset. Choose offsets that put the sample at
     # fixed coordinates: -1, between -1 and 0, 0, the last pixel, between it and the size, the
@@ -177,9 +181,10 @@ def test_sampling_edges_match_torchvision() -> None:
     assert ref.abs().max() > 0
 
 
-def test_huge_offsets_read_zero() -> None:
+@pytest.mark.parametrize("group_channels", [4, 8])
+def test_huge_offsets_read_zero(group_channels: int) -> None:
     """Offsets far beyond the image (up to 1e30 px) read zeros, as in torchvision."""
-    a = _inputs(1, 8, 4, 2, 10, 12, with_bias=False)
+    a = _inputs(1, 2 * group_channels, 4, 2, 10, 12, with_bias=False)
     offset = a["offset"].clone().view(1, 2, 9, 2, 10, 12)  # (n, groups, k, (dy, dx), ho, wo)
     offset[:, :, 0::2, 0] *= 1e9  # even kernel positions: far above/below
     offset[:, :, 1::4, 1] = -1e30  # positions 1 and 5: far left; 3 and 7 stay inside
