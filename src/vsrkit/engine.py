@@ -378,6 +378,10 @@ class Upscaler:
         disk_budget = max(0.0, self.options.state_disk_mb) * 2**20
         image_alignment = getattr(model, "alignment", None) == "image"
 
+        # Pass 1 visits the keyframes last first; each tile keeps its own frame pyramids.
+        pass1_keys = sorted(keys, reverse=True)
+        keyframe_features = [model.keyframe_features(t, pass1_keys) for _ in tiles] if iconvsr else []
+
         def refill(
             i: int, ti: int, lq_window: Callable[[int], torch.Tensor] | None = None, last_use: bool = False
         ) -> torch.Tensor | None:
@@ -387,9 +391,8 @@ class Upscaler:
             if lq_window is None:
                 read = spill.pop if last_use else spill.get
                 return read(f"refill_{i}_{ti}", self.device)
-            window = torch.stack([tiles[ti].crop(lq_window(j)) for j in model.window(i, t)], dim=1)
             with self._autocast():
-                feat = model.keyframe_feature(window)
+                feat = keyframe_features[ti](i, lambda j: tiles[ti].crop(lq_window(j)))
             spill.put(f"refill_{i}_{ti}", feat)
             return feat
 

@@ -162,10 +162,22 @@ class EDVRFeatureExtractor(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         n, t, c, h, w = frames.shape
-        l1 = self.feature_extraction(_conv_lrelu(self.conv_first, frames.reshape(-1, c, h, w)))
+        levels = [level.view(n, t, *level.shape[1:]) for level in self.pyramid(frames.reshape(-1, c, h, w))]
+        return self.align_and_fuse([[level[:, i] for level in levels] for i in range(t)])
+
+    def pyramid(self, frames: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) frames → their 3-level feature pyramids, finest first (each frame's own).
+
+        A frame's pyramid does not depend on the window it is in: IconVSR computes it once for
+        the keyframe windows that share the frame.
+        """
+        l1 = self.feature_extraction(_conv_lrelu(self.conv_first, frames))
         l2 = _conv_lrelu(self.conv_l2_2, _conv_lrelu(self.conv_l2_1, l1))
         l3 = _conv_lrelu(self.conv_l3_2, _conv_lrelu(self.conv_l3_1, l2))
-        pyramid = [level.view(n, t, *level.shape[1:]) for level in (l1, l2, l3)]
-        reference = [level[:, self.center] for level in pyramid]
-        aligned = [self.pcd_align([level[:, i] for level in pyramid], reference) for i in range(t)]
+        return [l1, l2, l3]
+
+    def align_and_fuse(self, pyramids: list[list[torch.Tensor]]) -> torch.Tensor:
+        """The window's T pyramids (each finest first, levels (N, C, h, w)) → (N, C, H, W)."""
+        reference = pyramids[self.center]
+        aligned = [self.pcd_align(pyramid, reference) for pyramid in pyramids]
         return self.fusion(torch.stack(aligned, dim=1))

@@ -13,6 +13,8 @@ changes the keyframe spacing at inference (Fig. 10).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -113,6 +115,11 @@ class IconVSR(nn.Module):
         """EDVR-M feature from (N, 2p+1, 3, H, W) frames (H, W multiples of 4)."""
         return self.edvr(window_frames)
 
+    def keyframe_features(self, num_frames: int, order: Sequence[int] | None = None) -> KeyframeFeatures:
+        """The keyframes' EDVR-M features, visited in ``order`` (default: ascending), each
+        frame's pyramid computed once for the windows that share it."""
+        return KeyframeFeatures(self, num_frames, self.keyframes(num_frames) if order is None else order)
+
     def _propagate_step(
         self,
         trunk: nn.Module,
@@ -178,8 +185,8 @@ class IconVSR(nn.Module):
                 f"{self.min_frames} frames, got {t}"
             )
         lqs = pad_to_multiple(lqs, 4)
-        keys = self.keyframes(t)
-        refills = {i: self.keyframe_feature(lqs[:, self.window(i, t)]) for i in keys}
+        features = self.keyframe_features(t)
+        refills = {i: features(i, lambda j: lqs[:, j]) for i in self.keyframes(t)}
         flows_backward = self.flows(lqs, "backward")
         backward_feats: list[torch.Tensor] = [None] * t  # type: ignore[list-item]
         feat = None
@@ -195,3 +202,38 @@ class IconVSR(nn.Module):
             feat = self.forward_step(lqs[:, i], feat, flow, refills.get(i), backward_feats[i])
             outputs.append(self.reconstruct(lqs[:, i], feat, backward_feats[i]))
         return torch.stack(outputs, dim=1)[..., : 4 * h, : 4 * w]
+
+
+class KeyframeFeatures:
+    """IconVSR's keyframe features, each frame's EDVR-M pyramid computed once.
+
+    Keyframe windows share frames: at the clip's ends (the references pad the window with
+    frames that the neighbouring windows also read) and, with ``temporal_padding=3``, between
+    every pair of neighbours (7-frame windows, 5 frames apart). A pyramid is kept until the
+    last keyframe in ``order`` that reads it; windows are local, so only a few are held at once.
+    The feature equals :meth:`IconVSR.keyframe_feature` of the stacked window, to the rounding
+    of a conv's batch size.
+    """
+
+    def __init__(self, model: IconVSR, num_frames: int, order: Sequence[int]) -> None:
+        self.model = model
+        self.num_frames = num_frames
+        self._position = {key: pos for pos, key in enumerate(order)}
+        self._last_use = {j: pos for pos, key in enumerate(order) for j in model.window(key, num_frames)}
+        self._pyramids: dict[int, list[torch.Tensor]] = {}
+
+    def __call__(self, key: int, frame: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """The feature of keyframe ``key``; ``frame(j)`` gives frame ``j`` as (N, 3, H, W)."""
+        window = self.model.window(key, self.num_frames)
+        missing = [j for j in dict.fromkeys(window) if j not in self._pyramids]
+        if missing:
+            n = frame(missing[0]).shape[0]
+            batch = torch.cat([frame(j) for j in missing], dim=0)  # frame-major: (len * N, 3, H, W)
+            levels = self.model.edvr.pyramid(batch)
+            for m, j in enumerate(missing):
+                self._pyramids[j] = [level[m * n : (m + 1) * n] for level in levels]
+        feature = self.model.edvr.align_and_fuse([self._pyramids[j] for j in window])
+        # Drop the pyramids that no later key in `order` reads.
+        done = self._position.get(key, -1)
+        self._pyramids = {j: p for j, p in self._pyramids.items() if self._last_use.get(j, -1) > done}
+        return feature
