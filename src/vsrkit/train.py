@@ -468,6 +468,10 @@ class _Dist:
 
     def close(self) -> None:
         if self.enabled and torch.distributed.is_initialized():
+            # All ranks tear gloo down together: once in CI, rank 1, which destroyed its group
+            # while rank 0 was still writing the final weights, aborted in gloo's threads
+            # ("terminate called without an active exception").
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
