@@ -9,6 +9,7 @@ loaded from the installed package unchanged. The stand-in for ``basicsr.ops.dcn`
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -24,11 +25,33 @@ import torchvision
 from torch import nn
 
 
-def _basicsr_root() -> Path | None:
+@functools.cache
+def _find_basicsr() -> Path | None:
+    # Looked up once: later, sys.modules["basicsr"] may be a stand-in without a spec.
     spec = importlib.util.find_spec("basicsr")
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def basicsr_root() -> Path:
+    """The installed basicsr package's folder, or skip the test if basicsr is absent."""
+    root = _find_basicsr()
+    if root is None:
+        pytest.skip("basicsr==1.4.2 is not installed (pip install --no-deps basicsr==1.4.2): no oracle")
+    return root
+
+
+def load_basicsr_file(relpath: str, module_name: str | None = None) -> types.ModuleType:
+    """Execute one file of the installed basicsr (e.g. ``utils/matlab_functions.py``) as a
+    module, without the package ``__init__``; its imports must already resolve."""
+    path = basicsr_root() / relpath
+    name = module_name or "_oracle_" + relpath.replace("/", "_").removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class _ModulatedDeformConv(nn.Module):
@@ -99,9 +122,7 @@ def basicsr_arch(name: str) -> types.ModuleType:
     """``basicsr.archs.<name>`` (e.g. ``basicvsr_arch``), or skip the test if basicsr is absent."""
     if name in _CACHE:
         return _CACHE[name]
-    root = _basicsr_root()
-    if root is None:
-        pytest.skip("basicsr==1.4.2 is not installed (pip install --no-deps basicsr==1.4.2)")
+    root = basicsr_root()
     saved = {k: v for k, v in sys.modules.items() if k == "basicsr" or k.startswith("basicsr.")}
     try:
         _install_stubs(root)

@@ -5,10 +5,8 @@ Run with ``pytest -s`` to see the compared figures.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -17,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from reference_oracle import load_basicsr_file
 from vsrkit.data.degradations import bd_degrade, bi_degrade, degrade, gaussian_kernel, imresize
 from vsrkit.errors import VsrkitError
 
@@ -27,30 +26,10 @@ DATA = Path(os.environ.get("VSRKIT_SHARED", Path(__file__).resolve().parents[2] 
 # --------------------------------------------------------------------------- oracle and data
 
 
-def _load_basicsr_file(relpath: str) -> ModuleType:
-    """Load one file of the installed basicsr without running its package ``__init__``.
-
-    (basicsr 1.4.2's ``__init__`` imports a torchvision module that recent torchvision removed.)
-    """
-    spec = importlib.util.find_spec("basicsr")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("basicsr 1.4.2 is not installed (pip install --no-deps basicsr==1.4.2): no oracle")
-    path = Path(next(iter(spec.submodule_search_locations))) / relpath
-    name = "_oracle_" + relpath.replace("/", "_").removesuffix(".py")
-    if name in sys.modules:
-        return sys.modules[name]
-    file_spec = importlib.util.spec_from_file_location(name, path)
-    assert file_spec is not None and file_spec.loader is not None
-    module = importlib.util.module_from_spec(file_spec)
-    file_spec.loader.exec_module(module)
-    sys.modules[name] = module
-    return module
-
-
 @pytest.fixture(scope="module")
 def bsr() -> ModuleType:
     """basicsr/utils/matlab_functions.py (imports only math, numpy and torch)."""
-    return _load_basicsr_file("utils/matlab_functions.py")
+    return load_basicsr_file("utils/matlab_functions.py")
 
 
 def _frame(rel: str) -> np.ndarray:

@@ -5,7 +5,6 @@ Run with ``pytest -s`` to see the compared figures.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import types
@@ -18,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from reference_oracle import load_basicsr_file
 from vsrkit.data.degradations import bd_degrade, bi_degrade, imresize
 from vsrkit.errors import VsrkitError
 from vsrkit.metrics import MetricAverager, psnr, rgb_to_y, ssim, to_uint8
@@ -59,14 +59,6 @@ def _cv2_module() -> ModuleType:
     return stand_in
 
 
-def _load_file(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bsr() -> ModuleType:
     """basicsr/metrics/psnr_ssim.py, loaded without the basicsr package ``__init__``.
@@ -75,12 +67,7 @@ def bsr() -> ModuleType:
     ``basicsr.utils.color_util``, ``basicsr.utils.registry``) are served by the real
     ``color_util.py`` / ``metric_util.py`` files plus a no-op registry, only while it loads.
     """
-    spec = importlib.util.find_spec("basicsr")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("basicsr 1.4.2 is not installed (pip install --no-deps basicsr==1.4.2): no oracle")
-    root = Path(next(iter(spec.submodule_search_locations)))
-
-    color_util = _load_file("basicsr.utils.color_util", root / "utils" / "color_util.py")
+    color_util = load_basicsr_file("utils/color_util.py", "basicsr.utils.color_util")
     utils = types.ModuleType("basicsr.utils")
     utils.bgr2ycbcr = color_util.bgr2ycbcr
     registry = types.ModuleType("basicsr.utils.registry")
@@ -98,10 +85,10 @@ def bsr() -> ModuleType:
         "cv2": _cv2_module(),
     }
     with mock.patch.dict(sys.modules, stubs):
-        sys.modules["basicsr.metrics.metric_util"] = _load_file(
-            "basicsr.metrics.metric_util", root / "metrics" / "metric_util.py"
+        sys.modules["basicsr.metrics.metric_util"] = load_basicsr_file(
+            "metrics/metric_util.py", "basicsr.metrics.metric_util"
         )
-        module = _load_file("basicsr.metrics.psnr_ssim", root / "metrics" / "psnr_ssim.py")
+        module = load_basicsr_file("metrics/psnr_ssim.py", "basicsr.metrics.psnr_ssim")
     which = "a scipy stand-in for" if hasattr(module.cv2, "__vsrkit_stand_in__") else "real"
     print(f"SSIM oracle uses {which} cv2")
     module.color_util = color_util
