@@ -227,8 +227,9 @@ class KeyframeFeatures:
         window = self.model.window(key, self.num_frames)
         missing = [j for j in dict.fromkeys(window) if j not in self._pyramids]
         if missing:
-            n = frame(missing[0]).shape[0]
-            batch = torch.cat([frame(j) for j in missing], dim=0)  # frame-major: (len * N, 3, H, W)
+            frames = [frame(j) for j in missing]
+            n = frames[0].shape[0]
+            batch = torch.cat(frames, dim=0)  # frame-major: (len * N, 3, H, W)
             levels = self.model.edvr.pyramid(batch)
             for m, j in enumerate(missing):
                 self._pyramids[j] = [level[m * n : (m + 1) * n] for level in levels]

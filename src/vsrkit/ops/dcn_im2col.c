@@ -105,11 +105,8 @@ static void sigmoid(float *v, int64_t n) {
     for (int64_t i = 0; i < n; i++) v[i] = 1.0f / (1.0f + poly_expf(-v[i]));
 }
 
-/* The bilinear samples of one output pixel: for each of its n (group, kernel position) pairs,
- * four corner weights and four corner offsets into the input, then cg channels from the four
- * corners into dst[s * cg ...]. Splitting the coordinate arithmetic (a branch-free loop over
- * the pixel's samples, which the compiler vectorises) from the channel loop keeps the latter
- * to four short vector loads, four FMAs and one store per sample. */
+/* A thread's tables for the two steps (see the top of the file). The gathers below read
+ * sample s's cg channels from its four corners into dst[s * cg ...]. */
 typedef struct {
     /* Per (group, kernel position) of the layer: the kernel tap's offset and the group's first
      * channel. */
