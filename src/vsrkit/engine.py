@@ -47,7 +47,6 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -55,11 +54,13 @@ from torch import nn
 
 from .accel import keep_freed_memory, prepare_for_inference, prepared_precision
 from .errors import VsrkitError
+from .fsutil import disk_full_error, is_disk_full, make_spill_dir, remove_dead_spill
 from .models.iconvsr import pad_to_multiple
 from .ops import nnpack
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_TILE = 64
+_SPILL_HINT = "set TMPDIR to a folder with more room, or lower --state-disk-mb"
 # Frames are padded up to what the networks need (64 px for BasicVSR++'s flows), but a frame
 # under 8 px holds too little to upscale and is almost certainly a mistake.
 MIN_INPUT_SIDE = 8
@@ -102,13 +103,38 @@ class EngineOptions:
 
 # -- temporary storage ----------------------------------------------------------------------
 class _SpillDir:
-    """A private temporary folder for frames and tensors that must not stay in memory."""
+    """A private temporary folder for frames and tensors that must not stay in memory.
+
+    Named ``vsrkit-PID-HOST-XXXXXXXX`` (:mod:`vsrkit.fsutil`): those left by killed runs are removed here
+    when their process is gone. A full disk is one line naming the folder.
+    """
 
     def __init__(self, parent: str | None) -> None:
-        self.path = Path(tempfile.mkdtemp(prefix="vsrkit-", dir=parent))
+        remove_dead_spill(parent)
+        try:
+            self.path = make_spill_dir(parent)
+        except OSError as exc:
+            folder = parent if parent is not None else tempfile.gettempdir()
+            if is_disk_full(exc):
+                raise disk_full_error(exc, folder, _SPILL_HINT) from None
+            reason = exc.strerror or exc
+            raise VsrkitError(f"cannot create a temporary folder in {folder}: {reason}") from None
+
+    def disk_full(self, exc: BaseException) -> None:
+        """Re-raise ``exc`` as one line if it is a full disk in this folder."""
+        if is_disk_full(exc, self.path):
+            raise disk_full_error(exc, self.path, _SPILL_HINT) from None
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
-        torch.save(tensor.detach().cpu(), self.path / f"{key}.pt")
+        path = self.path / f"{key}.pt"
+        try:
+            # Through a file object: torch.save to a path hides the OSError of a full disk.
+            with open(path, "wb") as f:
+                torch.save(tensor.detach().cpu(), f)
+        except (OSError, RuntimeError) as exc:
+            path.unlink(missing_ok=True)
+            self.disk_full(exc)
+            raise
 
     def get(self, key: str, device: torch.device) -> torch.Tensor:
         return torch.load(self.path / f"{key}.pt", weights_only=True).to(device)
@@ -146,12 +172,22 @@ class _FrameSpool:
                 raise VsrkitError(
                     f"frame {self.count} is {frame.shape[:2]}, earlier frames are {self.shape[:2]}"
                 )
-            self.file.write(frame.tobytes())
+            self._write(spill, frame.tobytes())
             self.count += 1
         if self.count == 0:
             raise VsrkitError("the input has no frames")
-        self.file.flush()
+        self._write(spill, b"")  # flush
         self.frame_bytes = int(np.prod(self.shape))
+
+    def _write(self, spill: _SpillDir, data: bytes) -> None:
+        try:
+            if data:
+                self.file.write(data)
+            else:
+                self.file.flush()
+        except OSError as exc:
+            spill.disk_full(exc)
+            raise
 
     def __len__(self) -> int:
         return self.count

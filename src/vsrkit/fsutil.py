@@ -47,6 +47,7 @@ __all__ = [
     "owner_tag",
     "pid_alive",
     "put_in_place",
+    "remove_folder_holding_only",
     "remove_dead_leftovers",
     "remove_dead_spill",
 ]
@@ -126,7 +127,7 @@ def _dead_owner(match: re.Match[str], entry: os.DirEntry[str]) -> bool:
     return not pid_alive(int(match["pid"]))
 
 
-def _remove_folder_holding_only(path: Path, allowed: re.Pattern[str]) -> bool:
+def remove_folder_holding_only(path: Path, allowed: re.Pattern[str]) -> bool:
     """Remove ``path`` if it holds nothing but regular files whose names match ``allowed``."""
     try:
         entries = list(os.scandir(path))
@@ -163,7 +164,7 @@ def remove_dead_leftovers(folder: str | os.PathLike[str]) -> list[Path]:
         path = Path(entry.path)
         try:
             if entry.is_dir(follow_symlinks=False):
-                if _remove_folder_holding_only(path, _FRAME_NAME):
+                if remove_folder_holding_only(path, _FRAME_NAME):
                     removed.append(path)
             elif entry.is_file(follow_symlinks=False):
                 path.unlink()
@@ -181,7 +182,7 @@ def remove_dead_spill(parent: str | os.PathLike[str] | None = None) -> list[Path
         match = SPILL_NAME.fullmatch(entry.name)
         if match is None or not entry.is_dir(follow_symlinks=False) or not _dead_owner(match, entry):
             continue
-        if _remove_folder_holding_only(Path(entry.path), _SPILL_FILE_NAME):
+        if remove_folder_holding_only(Path(entry.path), _SPILL_FILE_NAME):
             removed.append(Path(entry.path))
     return removed
 
@@ -284,7 +285,7 @@ def is_disk_full(exc: BaseException, folder: str | os.PathLike[str] | None = Non
         if any(t in text for t in _DISK_FULL_TEXTS) or re.search(r"os error (28|122|27)\b", text):
             return True
         current = current.__cause__ or current.__context__
-    if folder is None or not isinstance(exc, Exception):
+    if folder is None or not isinstance(exc, (OSError, RuntimeError)):
         return False
     try:
         st = os.statvfs(folder)

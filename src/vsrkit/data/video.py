@@ -63,7 +63,6 @@ import array
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from fractions import Fraction
@@ -75,6 +74,16 @@ import av.error
 import numpy as np
 
 from vsrkit.errors import VsrkitError
+from vsrkit.fsutil import (
+    deferred_signals,
+    disk_full_error,
+    is_disk_full,
+    make_temp_dir,
+    make_temp_file,
+    put_in_place,
+    remove_dead_leftovers,
+    remove_folder_holding_only,
+)
 
 __all__ = [
     "DEFAULT_FPS",
@@ -581,32 +590,26 @@ class VideoWriter:
             if path.is_dir() and not path.is_symlink():
                 if self.is_video:
                     raise VsrkitError(f"output {path} is an existing folder; cannot replace it with a video")
-                others = [
-                    e.name for e in os.scandir(path) if not (e.is_file() and _PNG_NAME.fullmatch(e.name))
-                ]
-                if others:
-                    raise VsrkitError(
-                        f"output folder {path} holds files other than frames (e.g. {others[0]}); "
-                        "refusing to replace it"
-                    )
+                self._refuse_foreign_files(path)
         if not parent.exists():
             raise VsrkitError(f"output folder {parent} does not exist (for {path})")
         if not parent.is_dir():
             raise VsrkitError(f"cannot write {path}: {parent} is not a folder")
 
     def _make_temp(self) -> None:
-        prefix = f".{self.path.stem if self.is_video else self.path.name}.partial-"
+        folder = self.path.parent
+        base = self.path.stem if self.is_video else self.path.name
         try:
+            # Temporary outputs of runs killed here earlier (kill -9, power cut): their owner is gone.
+            remove_dead_leftovers(folder)
             if self.is_video:
-                fd, name = tempfile.mkstemp(prefix=prefix, suffix=self.path.suffix, dir=self.path.parent)
-                os.close(fd)
+                self._tmp = make_temp_file(folder, base, suffix=self.path.suffix)
             else:
-                name = tempfile.mkdtemp(prefix=prefix, dir=self.path.parent)
+                self._tmp = make_temp_dir(folder, base)
         except OSError as exc:
-            raise VsrkitError(
-                f"cannot write to {self.path.parent} (for {self.path}): {_av_reason(exc)}"
-            ) from exc
-        self._tmp = Path(name)
+            if is_disk_full(exc):
+                raise disk_full_error(exc, self.path) from None
+            raise VsrkitError(f"cannot write to {folder} (for {self.path}): {_av_reason(exc)}") from exc
 
     # -- writing
 
@@ -760,25 +763,66 @@ class VideoWriter:
         mode = (0o666 if self.is_video else 0o777) & ~_umask()
         try:
             os.chmod(tmp, mode)
-            if path.is_dir() and not path.is_symlink():
-                # Checked in _check_destination: a folder of our own frames, and overwrite=True.
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-                os.replace(path, old)
+            # No signal between the renames: a run stopped here must leave either the old or the new output.
+            with deferred_signals():
                 try:
-                    os.replace(tmp, path)
-                except OSError:
-                    os.replace(old, path)
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                if not self.is_video and (path.exists() or path.is_symlink()):
-                    os.unlink(path)  # a file or link where the folder goes (overwrite=True was checked)
-                os.replace(tmp, path)
+                    put_in_place(tmp, path)  # never replaces: what is there now appeared during the run
+                except FileExistsError:
+                    if not self.overwrite:
+                        raise VsrkitError(
+                            f"output {path} appeared during the run; pass --overwrite to replace it "
+                            "(this run's result is discarded)"
+                        ) from None
+                    self._replace_existing(tmp, path)
+                self._tmp = None
         except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(exc, path) from None
             raise VsrkitError(
                 f"cannot move the finished output into place at {path}: {_av_reason(exc)}"
             ) from exc
-        self._tmp = None
+
+    def _replace_existing(self, tmp: Path, path: Path) -> None:
+        """``overwrite=True``: replace what is at ``path`` now, within the rules of _check_destination."""
+        if not path.is_dir() or path.is_symlink():
+            if self.is_video:
+                os.replace(tmp, path)
+            else:
+                os.unlink(path)  # a file or link where the folder goes
+                put_in_place(tmp, path)
+            return
+        if self.is_video:
+            raise VsrkitError(f"output {path} is a folder (it appeared during the run); cannot replace it")
+        self._refuse_foreign_files(path)
+        # Moved aside, checked again (a file may have been added since), then removed file by file.
+        old = make_temp_dir(path.parent, path.name, kind="old")
+        os.replace(path, old)  # replaces only the empty folder made just above
+        try:
+            self._refuse_foreign_files(old)
+        except VsrkitError:
+            try:
+                put_in_place(old, path)
+            except FileExistsError:
+                raise VsrkitError(
+                    f"output folder {path} changed during the run; its content is now in {old}"
+                ) from None
+            raise
+        try:
+            put_in_place(tmp, path)
+        except FileExistsError:
+            raise VsrkitError(
+                f"output {path} appeared again while it was being replaced; the earlier frames are in {old}"
+            ) from None
+        remove_folder_holding_only(old, _PNG_NAME)
+
+    @staticmethod
+    def _refuse_foreign_files(folder: Path) -> None:
+        others = [e.name for e in os.scandir(folder) if not (e.is_file() and _PNG_NAME.fullmatch(e.name))]
+        if others:
+            raise VsrkitError(
+                f"output folder {folder} holds files other than frames (e.g. {others[0]}); "
+                "refusing to replace it"
+            )
 
     def abort(self) -> None:
         """Discard everything written; ``path`` is left as it was. Idempotent."""
