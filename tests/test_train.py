@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ import torch
 from vsrkit.data.degradations import degrade
 from vsrkit.data.train_data import IterationBatchSampler, degrade_crop
 from vsrkit.errors import VsrkitError
+from vsrkit.fsutil import owner_tag
 from vsrkit.models import build_model
 from vsrkit.train import (
     DEFAULTS,
@@ -286,9 +288,8 @@ def test_crash_during_save_keeps_previous_checkpoint(
     latest = tmp_path / "checkpoints" / "latest.pth"
     before = latest.read_bytes()
 
-    def dying_save(obj: object, path: str) -> None:
-        with open(path, "wb") as f:
-            f.write(b"PK\x03\x04 half a checkpoint")
+    def dying_save(obj: object, f: BinaryIO) -> None:
+        f.write(b"PK\x03\x04 half a checkpoint")
         raise KeyboardInterrupt  # the process dies in the middle of writing
 
     trainer.iteration = 7
@@ -300,7 +301,10 @@ def test_crash_during_save_keeps_previous_checkpoint(
     assert torch.load(latest, weights_only=True)["iteration"] == 0
     assert [p.name for p in latest.parent.iterdir()] == ["latest.pth"]
     # A partial file left by kill -9 is removed when the next run starts.
-    (latest.parent / ".latest.pth.x.partial").write_bytes(b"junk")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = owner_tag().split("-")[1]
+    (latest.parent / f".latest.pth.partial-{dead.pid}-{host}-abcd1234").write_bytes(b"junk")
     Trainer(cfg, tmp_path, resume=True)
     assert [p.name for p in latest.parent.iterdir()] == ["latest.pth"]
 

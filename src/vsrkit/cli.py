@@ -1,14 +1,19 @@
 """The ``vsrkit`` command. Each subcommand lives in its own module with ``register(subparsers)``.
 
-User errors (:class:`VsrkitError`) print one line and exit 2; Ctrl-C exits 130. Anything else
-is a bug and keeps its traceback.
+User errors (:class:`VsrkitError`) print one line and exit 2. Ctrl-C (SIGINT), SIGTERM and SIGHUP stop
+the command the same way: a :class:`Stopped` exception (a ``KeyboardInterrupt``) is raised in the main
+thread, so every ``with`` block cleans up (temporary outputs, spill folders), then one line is printed and
+the exit status is 128 + the signal's number (130, 143, 129). Signals that were ignored when vsrkit started
+(``nohup``, background jobs) stay ignored. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 import warnings
 
 from .errors import VsrkitError
@@ -44,10 +49,41 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"vsrkit: warning: {message}", file=sys.stderr)
 
 
+class Stopped(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM or SIGHUP: cleans up exactly as Ctrl-C does."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _stop(signum: int, frame: object) -> None:
+    # One stop is enough: later SIGTERM/SIGHUP must not interrupt the cleanup the first one started.
+    for other in _STOP_SIGNALS:
+        signal.signal(other, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+def _catch_stop_signals() -> dict[int, object]:
+    """Install :func:`_stop` for SIGTERM and SIGHUP where they have their default action; returns the
+    handlers to restore."""
+    previous: dict[int, object] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous
+    for signum in _STOP_SIGNALS:
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            previous[signum] = signal.signal(signum, _stop)
+    return previous
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.showwarning = _show_warning
+    previous = _catch_stop_signals()
     try:
         result = args.func(args)
     except VsrkitError as exc:
@@ -57,9 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         # Output piped into `head` and the like: not an error.
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
-        print("vsrkit: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        if signum == signal.SIGINT:
+            print("vsrkit: interrupted", file=sys.stderr)
+        else:
+            print(f"vsrkit: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + int(signum)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return int(result or 0)
 
 

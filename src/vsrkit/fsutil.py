@@ -336,4 +336,3 @@ def deferred_signals() -> Iterator[None]:
             signal.signal(signum, handler)
         if pending:
             signal.raise_signal(pending[0])
-

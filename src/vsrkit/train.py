@@ -1,6 +1,6 @@
 """Training as in the BasicVSR / IconVSR / BasicVSR++ papers, on one CPU, one GPU or many (DDP).
 
-``vsrkit train CONFIG --work-dir DIR [--resume] [--set key=value ...]`` runs :func:`train`.
+``vsrkit train CONFIG --work-dir DIR [--resume | --overwrite] [--set key=value ...]`` runs :func:`train`.
 A config is YAML with the sections of :data:`DEFAULTS`; ``base: other.yaml`` inherits another
 config (deep merge). See ``docs/training.md`` for the recipes and every option.
 
@@ -37,6 +37,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import warnings
@@ -50,6 +51,7 @@ import yaml
 from torch import nn
 
 from .errors import VsrkitError
+from .fsutil import disk_full_error, is_disk_full, remove_dead_leftovers
 
 CHECKPOINT_FORMAT = "vsrkit-train-1"
 
@@ -521,15 +523,23 @@ class _Log:
     def record(self, rec: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        self._append(self.jsonl, json.dumps(rec) + "\n")
 
     def text(self, line: str) -> None:
         if not self.enabled:
             return
         print(line, flush=True)
-        with open(self.work_dir / "train.log", "a") as f:
-            f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
+        self._append(self.work_dir / "train.log", time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
+
+    @staticmethod
+    def _append(path: Path, text: str) -> None:
+        try:
+            with open(path, "a") as f:
+                f.write(text)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(exc, path) from None
+            raise
 
     def scalars(self, iteration: int, values: dict[str, float]) -> None:
         if self.writer is not None:
@@ -548,13 +558,69 @@ def _eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
+# ----------------------------------------------------------------------------------- work folder
+
+#: The files a run writes in its work folder, the only ones ``--overwrite`` removes: checkpoints, final
+#: weights, logs and TensorBoard events. ``frame_cache/`` (decoded videos, valid for any run) and any
+#: other file stay.
+RUN_FILES = ("checkpoints/{latest,best,iter_N}.pth", "final.safetensors", "log.jsonl", "train.log",
+             "tensorboard/events.out.tfevents.*")  # fmt: skip
+_CHECKPOINT_NAME = re.compile(r"(?:latest|best|iter_\d+)\.pth")
+_EVENTS_PREFIX = "events.out.tfevents."
+
+
+def previous_run_files(work_dir: Path) -> list[Path]:
+    """The files of :data:`RUN_FILES` that ``work_dir`` holds."""
+    found = [work_dir / name for name in ("final.safetensors", "log.jsonl", "train.log")]
+    found = [p for p in found if p.is_file() and not p.is_symlink()]
+    for folder, wanted in (
+        (work_dir / "checkpoints", _CHECKPOINT_NAME.fullmatch),
+        (work_dir / "tensorboard", lambda name: name.startswith(_EVENTS_PREFIX)),
+    ):
+        if folder.is_dir() and not folder.is_symlink():
+            found += sorted(
+                p for p in folder.iterdir() if wanted(p.name) and p.is_file() and not p.is_symlink()
+            )
+    return found
+
+
+def _work_dir_refusal(work_dir: Path, resume: bool, overwrite: bool) -> str | None:
+    """Why ``work_dir`` may not be used with these options, or None."""
+    if resume and overwrite:
+        return "--resume continues the run in the work folder and --overwrite starts it afresh: choose one"
+    if work_dir.exists() and not work_dir.is_dir():
+        return f"work folder {work_dir} is a file"
+    if resume or overwrite:
+        return None
+    previous = previous_run_files(work_dir) if work_dir.is_dir() else []
+    if previous:
+        return (
+            f"work folder {work_dir} holds a previous run ({previous[0].relative_to(work_dir)}); "
+            "pass --resume to continue it or --overwrite to start afresh"
+        )
+    return None
+
+
+def _remove_previous_run(work_dir: Path) -> None:
+    """``--overwrite``: remove the previous run's :data:`RUN_FILES`, nothing else."""
+    for path in previous_run_files(work_dir):
+        path.unlink(missing_ok=True)
+    for folder in ("checkpoints", "tensorboard"):
+        try:
+            (work_dir / folder).rmdir()  # only if now empty: a user's files in it stay
+        except OSError:
+            pass
+
+
 # ----------------------------------------------------------------------------------- trainer
 
 
 class Trainer:
     """One training run in ``work_dir``; :meth:`run` trains to ``train.iterations``."""
 
-    def __init__(self, cfg: dict[str, Any], work_dir: str | os.PathLike, resume: bool = False) -> None:
+    def __init__(
+        self, cfg: dict[str, Any], work_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False
+    ) -> None:
         self.cfg = cfg
         self.work_dir = Path(work_dir)
         self.ckpt_dir = self.work_dir / "checkpoints"
@@ -562,12 +628,16 @@ class Trainer:
         if tr.get("num_threads"):
             torch.set_num_threads(int(tr["num_threads"]))
         self.dist = _Dist(str(tr.get("device", "auto")))
+        # Rank 0 prepares the work folder (other nodes may not see it); every rank acts on its verdict.
+        refusal = self.dist.gather_objects(
+            self._prepare_work_dir(resume, overwrite) if self.dist.is_main else None
+        )[0]
+        if refusal is not None:
+            self.dist.close()
+            raise VsrkitError(refusal)
         self.seed = int(tr["seed"])
         random.seed(self.seed + self.dist.rank)
         np.random.seed((self.seed + self.dist.rank) % 2**32)
-        if self.dist.is_main:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
-            self._remove_partial_files()
 
         will_resume = resume and (self.ckpt_dir / "latest.pth").is_file()
         self.model = build_training_model(cfg, init=not will_resume).to(self.dist.device)
@@ -591,7 +661,8 @@ class Trainer:
         resumed = False
         if resume:
             resumed = self._load_latest()
-        self.log = _Log(self.work_dir, self.dist.is_main, self.iteration, resumed)
+        # --resume without a checkpoint (a run killed before its first save) also drops that run's log lines.
+        self.log = _Log(self.work_dir, self.dist.is_main, self.iteration, resumed or resume)
         for line in getattr(self.model, "init_log", []):
             self.log.text(f"init: {line}")
         self.frozen: bool | None = None
@@ -644,11 +715,22 @@ class Trainer:
             )
 
     # -- checkpoints
-    def _remove_partial_files(self) -> None:
-        # Left by a process killed inside atomic_write; never a complete checkpoint.
-        if self.ckpt_dir.is_dir():
-            for f in self.ckpt_dir.glob(".*.partial"):
-                f.unlink(missing_ok=True)
+    def _prepare_work_dir(self, resume: bool, overwrite: bool) -> str | None:
+        """Create the work folder (and with ``overwrite`` empty it of the previous run); the reason why
+        it may not be used, or None."""
+        refusal = _work_dir_refusal(self.work_dir, resume, overwrite)
+        if refusal is not None:
+            return refusal
+        try:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            # Left by processes killed inside atomic_write (never a complete checkpoint); a live run's stay.
+            for folder in (self.work_dir, self.ckpt_dir):
+                remove_dead_leftovers(folder)
+            if overwrite:
+                _remove_previous_run(self.work_dir)
+        except OSError as exc:
+            return f"cannot prepare work folder {self.work_dir}: {exc.strerror or exc}"
+        return None
 
     def state(self) -> dict[str, Any]:
         periods, weights = self.periods()
@@ -684,8 +766,13 @@ class Trainer:
             return
         from .weights import atomic_write
 
+        def write(tmp: str) -> None:
+            # Through a file object: torch.save to a path hides the OSError of a full disk.
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+
         for name in names:
-            atomic_write(self.ckpt_dir / name, lambda tmp, s=state: torch.save(s, tmp))
+            atomic_write(self.ckpt_dir / name, write)
 
     def _load_latest(self) -> bool:
         path = self.ckpt_dir / "latest.pth"
@@ -891,13 +978,18 @@ def train(
     work_dir: str | os.PathLike,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Train from a config file (or an already loaded config dict) into ``work_dir``.
+
+    A ``work_dir`` that holds a previous run (checkpoints, ``final.safetensors``, logs) is refused unless
+    ``resume`` (continue it from ``checkpoints/latest.pth``) or ``overwrite`` (remove that run's files,
+    see :data:`RUN_FILES`, and start afresh) is given.
 
     Returns ``{"iteration", "best", "work_dir"}``. Under ``torchrun`` every rank calls this.
     """
     cfg = apply_overrides(config, overrides) if isinstance(config, dict) else load_config(config, overrides)
     if isinstance(config, dict):
         check_config(cfg)
-    return Trainer(cfg, work_dir, resume=resume).run()
+    return Trainer(cfg, work_dir, resume=resume, overwrite=overwrite).run()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from ..errors import VsrkitError
@@ -53,7 +54,10 @@ def register(subparsers) -> None:
         dest="overrides",
         help="model option (value parsed as YAML), e.g. --set keyframe_stride=10; repeatable",
     )
-    p.add_argument("--json", metavar="OUT", help="also write the result as JSON (atomically)")
+    p.add_argument(
+        "--json", metavar="OUT", help="also write the result as JSON (atomically; an existing OUT is refused)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run)
 
@@ -78,7 +82,15 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return config
 
 
-def _write_json(path: str, result: dict[str, Any]) -> None:
+def _check_json_path(path: str, overwrite: bool) -> None:
+    """Refuse before the (long) evaluation what the end would refuse."""
+    if os.path.isdir(path):
+        raise VsrkitError(f"--json {path} is a folder; give a file name")
+    if os.path.lexists(path) and not overwrite:
+        raise VsrkitError(f"--json {path} exists; pass --overwrite to replace it")
+
+
+def _write_json(path: str, result: dict[str, Any], overwrite: bool) -> None:
     from ..weights import atomic_write
 
     def write(tmp: str) -> None:
@@ -87,7 +99,15 @@ def _write_json(path: str, result: dict[str, Any]) -> None:
             f.write("\n")
 
     try:
-        atomic_write(path, write)  # temp file beside OUT, then os.replace
+        # A temporary file beside OUT, then moved into place; without --overwrite it never replaces a
+        # file that appeared while the evaluation ran.
+        atomic_write(path, write, replace=overwrite)
+    except FileExistsError:
+        raise VsrkitError(
+            f"--json {path} appeared during the evaluation; pass --overwrite to replace it"
+        ) from None
+    except VsrkitError:
+        raise
     except OSError as exc:
         raise VsrkitError(f"cannot write {path}: {exc.strerror or exc}") from None
 
@@ -108,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
     if args.device not in ("cpu", "cuda", "auto") and not args.device.startswith("cuda:"):
         raise VsrkitError(f"unknown device {args.device!r}; choose cpu, cuda or auto")
     config = parse_overrides(args.overrides)
+    if args.json:
+        _check_json_path(args.json, args.overwrite)
     clips = [c for c in args.clips.split(",") if c.strip()] if args.clips else None
 
     weights = args.weights
@@ -132,6 +154,6 @@ def run(args: argparse.Namespace) -> int:
     )
     print(format_table(result))
     if args.json:
-        _write_json(args.json, result)
+        _write_json(args.json, result, args.overwrite)
         print(f"wrote {args.json}")
     return 0

@@ -1,4 +1,4 @@
-"""``vsrkit train CONFIG --work-dir DIR [--resume] [--set key=value ...]``.
+"""``vsrkit train CONFIG --work-dir DIR [--resume | --overwrite] [--set key=value ...]``.
 
 Also runs under ``torchrun --nproc_per_node N -m vsrkit train ...`` (one process per GPU, or
 several on a CPU with gloo).
@@ -26,6 +26,13 @@ def register(subparsers: Any) -> None:
         help="continue from WORK_DIR/checkpoints/latest.pth (up to the config's train.iterations)",
     )
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a WORK_DIR that holds a previous run: its checkpoints, final weights, logs and "
+        "TensorBoard events are removed (frame_cache/ and other files stay); without --resume or "
+        "--overwrite such a WORK_DIR is refused",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -40,5 +47,5 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..train import train
 
-    train(args.config, args.work_dir, resume=args.resume, overrides=args.overrides)
+    train(args.config, args.work_dir, resume=args.resume, overwrite=args.overwrite, overrides=args.overrides)
     return 0
