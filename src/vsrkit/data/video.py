@@ -34,10 +34,19 @@ Writing
 :func:`open_writer` returns a :class:`VideoWriter` (a context manager). Output paths ending
 in one of :data:`VIDEO_EXTENSIONS` are encoded as video; any other path is a folder of PNG files
 ``00000000.png``, ``00000001.png``, ... Everything is written to a hidden temporary file or folder in the
-output's own directory (``.NAME.partial-XXXX.EXT``), which replaces the output with :func:`os.replace` only
-when the ``with`` block ends without an exception; on an exception it is deleted and nothing is left behind.
-An existing output is refused unless ``overwrite=True``; an existing folder is only replaced if it holds
-nothing but ``NNNNNNNN.png`` files.
+output's own directory (``.NAME.partial-PID-HOST-XXXXXXXX.EXT``, named after the writing process; see
+:mod:`vsrkit.fsutil`). Only when the ``with`` block ends without an exception is it moved to the output
+path, with :func:`vsrkit.fsutil.put_in_place`, which never replaces anything; on an exception (including
+the ``KeyboardInterrupt`` that the CLI raises for Ctrl-C, SIGTERM and SIGHUP) it is deleted and nothing is
+left behind. Temporary outputs of killed processes (``kill -9``) in the output's directory are removed by
+the next writer there once their process is gone.
+
+Nothing the writer did not create is replaced or removed without ``overwrite=True``: an existing output is
+refused when the writer opens, and an output that appears while it runs (a file, a folder, even empty;
+another run finishing first) makes :meth:`VideoWriter.close` fail with a :class:`~vsrkit.errors.VsrkitError`
+(the result is discarded). With ``overwrite=True`` a file is replaced, but a folder only if it holds nothing
+but ``NNNNNNNN.png`` files (checked again when it is replaced), and never by a video. A full disk while
+writing is one :class:`~vsrkit.errors.VsrkitError` naming the output, and the temporary output is removed.
 
 Timing: with a video ``source`` and ``fps=None``, frame *i* gets the source's timestamp *i* in the source's
 time base (variable frame rate is preserved, and audio stays in sync); otherwise frames get a constant rate:
@@ -715,7 +724,7 @@ class VideoWriter:
     # -- finishing
 
     def close(self) -> None:
-        """Finish writing and publish the output (replaces ``path``). Idempotent."""
+        """Finish writing and publish the output at ``path`` (see the module documentation). Idempotent."""
         if self._finished:
             return
         try:
@@ -991,10 +1000,11 @@ def open_writer(
         fps: constant output frame rate; None keeps the source's timing.
         codec: video encoder; None picks libx264 (libvpx-vp9 for WebM). ``crf`` applies to x264/x265/VPx/AV1.
         pix_fmt: output pixel format.
-        overwrite: replace an existing output.
+        overwrite: replace an existing output (a folder only if it holds nothing but PNG frames).
 
     Raises :class:`~vsrkit.errors.VsrkitError` at once if the output exists (without ``overwrite``), if its
-    folder is missing or not writable, or if the container cannot hold the codec.
+    folder is missing or not writable, or if the container cannot hold the codec; at the end if an output
+    appeared at ``path`` meanwhile (without ``overwrite``).
     """
     return VideoWriter(
         path, source=source, fps=fps, codec=codec, crf=crf, pix_fmt=pix_fmt, overwrite=overwrite
