@@ -557,3 +557,12 @@ def test_put_in_place_never_replaces_an_empty_folder(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         put_in_place(src, dest)
     assert src.is_dir() and dest.is_dir()
+
+
+def test_atomic_write_gives_the_permissions_of_a_plain_open(tmp_path: Path) -> None:
+    # safetensors replaces the file it is given with a private (0600) one of its own.
+    path = tmp_path / "final.safetensors"
+    save_vsrkit(vsrkit.create_model("basicvsr", mid_channels=8, num_blocks=1), path)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask

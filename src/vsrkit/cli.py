@@ -4,13 +4,15 @@ User errors (:class:`VsrkitError`) print one line and exit 2. Ctrl-C (SIGINT), S
 the command the same way: a :class:`Stopped` exception (a ``KeyboardInterrupt``) is raised in the main
 thread, so every ``with`` block cleans up (temporary outputs, spill folders), then one line is printed and
 the exit status is 128 + the signal's number (130, 143, 129). Signals that were ignored when vsrkit started
-(``nohup``, background jobs) stay ignored. Anything else is a bug and keeps its traceback.
+(``nohup``, background jobs) stay ignored, and torchrun's workers keep the default actions (torchrun
+manages them). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -72,6 +74,10 @@ def _catch_stop_signals() -> dict[int, object]:
     handlers to restore."""
     previous: dict[int, object] = {}
     if threading.current_thread() is not threading.main_thread():
+        return previous
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        # A torchrun worker: torchrun stops its workers with SIGTERM and then SIGKILL, and a worker
+        # that unwound on its own while its peers wait in a collective would only add their errors.
         return previous
     for signum in _STOP_SIGNALS:
         if signal.getsignal(signum) is signal.SIG_DFL:

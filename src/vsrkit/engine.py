@@ -172,22 +172,20 @@ class _FrameSpool:
                 raise VsrkitError(
                     f"frame {self.count} is {frame.shape[:2]}, earlier frames are {self.shape[:2]}"
                 )
-            self._write(spill, frame.tobytes())
+            try:
+                self.file.write(frame.tobytes())
+            except OSError as exc:
+                spill.disk_full(exc)
+                raise
             self.count += 1
         if self.count == 0:
             raise VsrkitError("the input has no frames")
-        self._write(spill, b"")  # flush
-        self.frame_bytes = int(np.prod(self.shape))
-
-    def _write(self, spill: _SpillDir, data: bytes) -> None:
         try:
-            if data:
-                self.file.write(data)
-            else:
-                self.file.flush()
+            self.file.flush()
         except OSError as exc:
             spill.disk_full(exc)
             raise
+        self.frame_bytes = int(np.prod(self.shape))
 
     def __len__(self) -> int:
         return self.count

@@ -116,11 +116,15 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _euid() -> int:
+    return os.geteuid() if hasattr(os, "geteuid") else 0  # Windows: files carry no owner uid (st_uid 0)
+
+
 def _dead_owner(match: re.Match[str], entry: os.DirEntry[str]) -> bool:
     if match["host"] != _host_tag():
         return False  # made on another machine sharing this folder: its process ids mean nothing here
     try:
-        if entry.stat(follow_symlinks=False).st_uid != os.geteuid():
+        if entry.stat(follow_symlinks=False).st_uid != _euid():
             return False
     except OSError:
         return False
@@ -285,13 +289,13 @@ def is_disk_full(exc: BaseException, folder: str | os.PathLike[str] | None = Non
         if any(t in text for t in _DISK_FULL_TEXTS) or re.search(r"os error (28|122|27)\b", text):
             return True
         current = current.__cause__ or current.__context__
-    if folder is None or not isinstance(exc, (OSError, RuntimeError)):
+    if folder is None or not isinstance(exc, (OSError, RuntimeError)) or not hasattr(os, "statvfs"):
         return False
     try:
         st = os.statvfs(folder)
     except OSError:
         return False
-    free_blocks = st.f_bfree if os.geteuid() == 0 else st.f_bavail
+    free_blocks = st.f_bfree if _euid() == 0 else st.f_bavail
     return free_blocks * st.f_frsize < 64 * 1024
 
 

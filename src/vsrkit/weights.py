@@ -274,11 +274,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object], *, rep
             raise disk_full_error(exc, path) from None
         raise
     try:
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
+        write(str(tmp))
+        # mkstemp makes the file private (0600), and so do some writers (safetensors replaces the file it is
+        # given with its own); give it the permissions a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        write(str(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         if replace:
