@@ -566,3 +566,24 @@ def test_atomic_write_gives_the_permissions_of_a_plain_open(tmp_path: Path) -> N
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_file_added_to_a_frames_folder_while_it_is_replaced_keeps_the_folder(tmp_path, monkeypatch) -> None:
+    import vsrkit.data.video as video
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    (frames / "00000000.png").write_bytes(b"an old frame")
+    make_temp_dir = video.make_temp_dir
+
+    def add_a_file_just_before_the_move(folder, base, kind="partial"):
+        if kind == "old":  # the last moment: the folder was checked, and is about to be moved aside
+            (frames / "notes.txt").write_text("the user's notes")
+        return make_temp_dir(folder, base, kind)
+
+    monkeypatch.setattr(video, "make_temp_dir", add_a_file_just_before_the_move)
+    with pytest.raises(VsrkitError, match=f"output folder {frames} holds files other than frames"):
+        with open_writer(frames, overwrite=True) as writer:
+            writer.write(frames_for_writer(1)[0])
+    assert sorted(p.name for p in frames.iterdir()) == ["00000000.png", "notes.txt"]
+    assert (frames / "00000000.png").read_bytes() == b"an old frame" and leftovers(tmp_path) == []

@@ -807,7 +807,7 @@ class VideoWriter:
         old = make_temp_dir(path.parent, path.name, kind="old")
         os.replace(path, old)  # replaces only the empty folder made just above
         try:
-            self._refuse_foreign_files(old)
+            self._refuse_foreign_files(old, shown=path)
         except VsrkitError:
             try:
                 put_in_place(old, path)
@@ -825,11 +825,12 @@ class VideoWriter:
         remove_folder_holding_only(old, _PNG_NAME)
 
     @staticmethod
-    def _refuse_foreign_files(folder: Path) -> None:
+    def _refuse_foreign_files(folder: Path, shown: Path | None = None) -> None:
+        """Refuse to replace ``folder`` (named ``shown`` in the message) unless it holds PNG frames only."""
         others = [e.name for e in os.scandir(folder) if not (e.is_file() and _PNG_NAME.fullmatch(e.name))]
         if others:
             raise VsrkitError(
-                f"output folder {folder} holds files other than frames (e.g. {others[0]}); "
+                f"output folder {shown or folder} holds files other than frames (e.g. {others[0]}); "
                 "refusing to replace it"
             )
 
