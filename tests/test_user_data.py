@@ -549,14 +549,28 @@ def test_real_full_disk_in_a_checkpoint(tiny_train, small_tmpfs, capsys, keep_th
     assert leftovers(work / "checkpoints") == []
 
 
-def test_put_in_place_never_replaces_an_empty_folder(tmp_path: Path) -> None:
-    # os.rename(folder, existing_empty_folder) would silently replace it.
-    src, dest = tmp_path / "src", tmp_path / "dest"
-    src.mkdir()
-    dest.mkdir()
-    with pytest.raises(FileExistsError):
-        put_in_place(src, dest)
-    assert src.is_dir() and dest.is_dir()
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "fallback"])
+def test_put_in_place_never_replaces_anything(tmp_path: Path, monkeypatch, renameat2: bool) -> None:
+    import vsrkit.fsutil as fsutil
+
+    if not renameat2:  # as on other systems, or file systems without RENAME_NOREPLACE
+        monkeypatch.setattr(fsutil, "_rename_noreplace", lambda src, dest: False)
+    src_file, src_dir = tmp_path / "src_file", tmp_path / "src_dir"
+    src_file.write_text("new")
+    src_dir.mkdir()
+    (tmp_path / "file").write_text("the user's")
+    (tmp_path / "empty").mkdir()  # os.rename(folder, existing_empty_folder) would silently replace it
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for src in (src_file, src_dir):
+        for dest in ("file", "empty", "dangling"):
+            with pytest.raises(FileExistsError):
+                put_in_place(src, tmp_path / dest)
+    assert (tmp_path / "file").read_text() == "the user's" and list((tmp_path / "empty").iterdir()) == []
+    assert (tmp_path / "dangling").is_symlink() and src_file.exists() and src_dir.is_dir()
+    put_in_place(src_file, tmp_path / "placed_file")
+    put_in_place(src_dir, tmp_path / "placed_dir")
+    assert (tmp_path / "placed_file").read_text() == "new" and (tmp_path / "placed_dir").is_dir()
+    assert not src_file.exists() and not src_dir.exists()
 
 
 def test_atomic_write_gives_the_permissions_of_a_plain_open(tmp_path: Path) -> None:
