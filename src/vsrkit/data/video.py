@@ -74,6 +74,7 @@ import av
 import av.error
 import numpy as np
 
+from vsrkit.checks import check_crf
 from vsrkit.errors import VsrkitError
 
 __all__ = [
@@ -533,6 +534,7 @@ class VideoWriter:
 
         if self.is_video:
             self.codec = self._choose_codec(codec)
+            self.crf = check_crf(crf, self.codec)
         else:
             self.codec = None
 
