@@ -253,12 +253,10 @@ def check_crf(crf: Any, codec: str | None, name: str = "crf") -> int | None:
 
 
 # -- keys -----------------------------------------------------------------------------------------
-def unknown_key(key: str, known: Iterable[str], prefix: str = "") -> str:
-    """ "unknown key model.mid_chanels (did you mean model.mid_channels?)": the nearest known key."""
+def nearest_key(key: str, known: Iterable[str], prefix: str = "") -> str:
+    """ "did you mean train.iterations?", or the known keys when none is close (``prefix`` dots them)."""
     known = list(known)
     nearest = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     if nearest:
-        hint = f"did you mean {prefix}{nearest[0]}?"
-    else:
-        hint = f"known here: {', '.join(known)}" if known else "nothing is allowed here"
-    return f"unknown key {prefix}{key} ({hint})"
+        return f"did you mean {prefix}{nearest[0]}?"
+    return f"known here: {', '.join(known)}" if known else "no keys are allowed here"
