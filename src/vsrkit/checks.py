@@ -151,9 +151,18 @@ def choice(*options: str) -> Check:
     return Check(f"one of {', '.join(options)}", convert)
 
 
+class _Optional(Check):
+    def __init__(self, inner: Check) -> None:
+        super().__init__(f"{inner.describe} or null", lambda v: None if v is None else inner.convert(v))
+        self.inner = inner
+
+    def __call__(self, value: Any, name: str) -> Any:
+        return None if value is None else self.inner(value, name)
+
+
 def optional(check: Check) -> Check:
     """``check``, or None."""
-    return Check(f"{check.describe} or null", lambda v: None if v is None else check.convert(v))
+    return _Optional(check)
 
 
 class _ListOf(Check):
