@@ -268,6 +268,10 @@ def evaluate(
     crop_border = NON_NEGATIVE_INT(crop_border, "crop_border")
     max_frames = optional(POSITIVE_INT)(max_frames, "max_frames")
     config = dict(config or {})
+    if isinstance(model, str) and model.lower() in ARCHS:
+        from vsrkit.models import model_config
+
+        model_config(model.lower(), **config)  # a bad option fails before any data is read
     vimeo = key in _VIMEO
 
     # List the clips first: a wrong root or clip name should fail before loading weights.
