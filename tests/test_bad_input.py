@@ -267,6 +267,18 @@ def test_checkpoint_metadata(config, arch, needle, tiny_model, tmp_path, capsys)
     assert str(bad) in line and needle in line
 
 
+def test_forged_tensor_shapes_are_checked_before_building(tiny_model, tmp_path, capsys) -> None:
+    # A stride-0 tensor claims a million channels in a few bytes; the model built from the
+    # inferred config would need terabytes.
+    state = dict(tiny_model.state_dict())
+    key = "forward_trunk.main.0.weight"
+    state[key] = torch.zeros(1).expand(10**6, 10**6 + 3, 3, 3)
+    forged = tmp_path / "forged.pth"
+    torch.save({"params": state}, forged)
+    line = one_line_error(["convert", str(forged), str(tmp_path / "out.safetensors")], capsys)
+    assert str(forged) in line and "mid_channels must be an integer from 1 to 1024, got 1000000" in line
+
+
 class _RunsCode:
     """A pickle that would create a file if it were ever unpickled."""
 

@@ -53,7 +53,9 @@ def create_model(
         # Values read from a file: checked against the builder first, naming the file.
         base = model_config(arch, source=f"checkpoint {ckpt.path} metadata", section="config.", **ckpt.config)
     else:
-        base = infer_config(ckpt.state_dict, arch)
+        # Shapes can be forged (a stride-0 tensor claims any size): checked the same way.
+        inferred = infer_config(ckpt.state_dict, arch)
+        base = model_config(arch, source=f"checkpoint {ckpt.path} (from its tensor shapes)", **inferred)
     model = build_model(arch, **{**base, **config})
     load_state_dict_strict(model, ckpt, arch)
     return model.eval()
