@@ -304,6 +304,17 @@ def test_hostile_pickle_is_called_unsafe_not_corrupt(tiny_model, tmp_path, capsy
     assert not marker.exists()
 
 
+def test_hostile_training_checkpoint_on_resume(tmp_path, capsys) -> None:
+    marker = tmp_path / "code_ran"
+    latest = tmp_path / "work" / "checkpoints" / "latest.pth"
+    latest.parent.mkdir(parents=True)
+    torch.save({"format": "vsrkit-train-1", "extra": _RunsCode(marker)}, latest)
+    argv = ["train", str(CONFIGS / "tiny_cpu.yaml"), "--work-dir", str(tmp_path / "work"), "--resume"]
+    line = one_line_error(argv, capsys)
+    assert str(latest) in line and "safe loading refuses (weights_only=True)" in line
+    assert not marker.exists()
+
+
 def test_truncated_checkpoint_is_still_called_corrupt(tiny_model, tmp_path, capsys) -> None:
     good = tmp_path / "good.pth"
     torch.save({"params": tiny_model.state_dict()}, good)

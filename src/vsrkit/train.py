@@ -771,7 +771,9 @@ class Trainer:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001
-            raise VsrkitError(f"cannot read {path}: {str(exc).splitlines()[0][:200]}") from None
+            from .weights import unreadable_reason
+
+            raise VsrkitError(f"cannot read {path}: {unreadable_reason(path, exc)}") from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise VsrkitError(f"{path} is not a vsrkit training checkpoint")
         if state["arch"] != self.model.arch or state["model_config"] != dict(self.model.config):

@@ -53,15 +53,19 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file to the user
-        if "unsupported global" in str(exc).lower() or _is_whole_pickle(path):
-            reason = (
-                "it contains pickled objects that safe loading refuses (weights_only=True); "
-                "vsrkit never runs code from a checkpoint"
-            )
-        else:
-            reason = "not a readable PyTorch or safetensors checkpoint (corrupt or truncated?)"
-        raise VsrkitError(f"cannot read checkpoint {path}: {reason}") from None
+        raise VsrkitError(f"cannot read checkpoint {path}: {unreadable_reason(path, exc)}") from None
     return _from_object(obj, str(path))
+
+
+def unreadable_reason(path: str | os.PathLike, exc: BaseException) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed with ``exc``, in words for the user:
+    unsafe contents (a well-formed pickle the safe loader refuses) or damage."""
+    if "unsupported global" in str(exc).lower() or _is_whole_pickle(Path(path)):
+        return (
+            "it contains pickled objects that safe loading refuses (weights_only=True); "
+            "vsrkit never runs code from a checkpoint"
+        )
+    return "not a readable PyTorch or safetensors checkpoint (corrupt or truncated?)"
 
 
 def _is_whole_pickle(path: Path) -> bool:
