@@ -47,7 +47,15 @@ def create_model(
     if arch is not None and arch != found_arch:
         raise VsrkitError(f"weights {os.fspath(checkpoint)!r} are for {found_arch}, not {arch}")
     arch = found_arch
-    base = dict(entry.config) if entry else (ckpt.config or infer_config(ckpt.state_dict, arch))
+    if entry:
+        base = dict(entry.config)
+    elif ckpt.config:
+        # Values read from a file: checked against the builder first, naming the file.
+        base = model_config(arch, source=f"checkpoint {ckpt.path} metadata", section="config.", **ckpt.config)
+    else:
+        # Shapes can be forged (a stride-0 tensor claims any size): checked the same way.
+        inferred = infer_config(ckpt.state_dict, arch)
+        base = model_config(arch, source=f"checkpoint {ckpt.path} (from its tensor shapes)", **inferred)
     model = build_model(arch, **{**base, **config})
     load_state_dict_strict(model, ckpt, arch)
     return model.eval()

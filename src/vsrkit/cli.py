@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import warnings
+from typing import NoReturn
 
 from .errors import VsrkitError
 
@@ -30,10 +31,17 @@ SUBCOMMANDS = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other bad input (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="vsrkit", description="Video super-resolution (BasicVSR family).")
+    parser = _Parser(prog="vsrkit", description="Video super-resolution (BasicVSR family).")
     parser.add_argument("--version", action="version", version=f"vsrkit {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in SUBCOMMANDS:

@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from .accel import keep_freed_memory, prepare_for_inference, prepared_precision
+from .checks import DEVICE, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT, choice, integer
 from .errors import VsrkitError
 from .fsutil import disk_full_error, is_disk_full, make_spill_dir, remove_dead_spill
 from .models.iconvsr import pad_to_multiple
@@ -67,11 +68,25 @@ MIN_INPUT_SIDE = 8
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` (CUDA when present) or the named device, which must exist on this machine."""
+    if isinstance(device, str):
+        device = DEVICE(device, "device")
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VsrkitError("--device cuda was asked for, but no CUDA GPU is available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VsrkitError(f"device {device} was asked for, but no CUDA GPU is available")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise VsrkitError(
+                f"device {device} was asked for, but this machine has {count} CUDA GPU(s): "
+                f"cuda:0 to cuda:{count - 1}"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise VsrkitError("device mps was asked for, but Metal (MPS) is not available")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise VsrkitError(f"device must be auto, cpu, cuda or cuda:N, got {str(device)!r}")
     return device
 
 
@@ -99,6 +114,25 @@ class EngineOptions:
     keep_freed_memory: bool = True
     state_disk_mb: float = 2048
     nnpack: bool | None = None  # CPU: NNPACK's Winograd/FFT convs (None: where available)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse (one line) and normalise bad values; the options may be changed after creation."""
+        if isinstance(self.device, str):
+            self.device = DEVICE(self.device, "device")
+        self.precision = choice(*PRECISIONS)(self.precision, "precision")
+        self.segment_frames = POSITIVE_INT(self.segment_frames, "segment_frames")
+        self.window_frames = integer(2)(self.window_frames, "window_frames")
+        self.window_overlap = NON_NEGATIVE_INT(self.window_overlap, "window_overlap")
+        if self.window_overlap >= self.window_frames:
+            raise VsrkitError(
+                f"window_overlap must be smaller than window_frames ({self.window_frames}), "
+                f"got {self.window_overlap}"
+            )
+        self.flow_batch = POSITIVE_INT(self.flow_batch, "flow_batch")
+        self.state_disk_mb = NON_NEGATIVE_FLOAT(self.state_disk_mb, "state_disk_mb")
 
 
 # -- temporary storage ----------------------------------------------------------------------
@@ -287,6 +321,7 @@ class Upscaler:
 
     def __init__(self, model: nn.Module, options: EngineOptions | None = None, **kwargs) -> None:
         self.options = options or EngineOptions(**kwargs)
+        self.options.check()
         self.device = resolve_device(self.options.device)
         autocast_context(self.device, self.options.precision)  # validates early
         if self.device.type == "cpu":
@@ -310,12 +345,6 @@ class Upscaler:
             raise VsrkitError(f"unsupported model type {type(model).__name__}")
         self.scale = 4 if getattr(model, "is_low_res_input", True) else 1
         self._progress: Callable[[int], None] | None = None
-        if self.options.segment_frames < 1 or self.options.window_frames < 2:
-            raise VsrkitError("segment_frames must be ≥ 1 and window_frames ≥ 2")
-        if not 0 <= self.options.window_overlap < self.options.window_frames:
-            raise VsrkitError("window_overlap must be smaller than window_frames")
-        if self.options.flow_batch < 1:
-            raise VsrkitError("flow_batch must be ≥ 1")
 
     def progress_total(self, num_frames: int) -> int:
         """How many times ``run`` calls ``progress(1)`` for a clip: the backward pass counts too."""

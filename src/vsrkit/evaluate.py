@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vsrkit.checks import NON_NEGATIVE_INT, POSITIVE_INT, optional
 from vsrkit.data.datasets import DATASETS, Clip, list_clips, load_clip
 from vsrkit.data.degradations import imresize
 from vsrkit.errors import VsrkitError
@@ -119,15 +120,9 @@ def published_scores(
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise VsrkitError(f"unknown device {device!r}: expected cpu, cuda or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise VsrkitError("device cuda was asked for, but no CUDA GPU is available")
-    return dev
+    from .engine import resolve_device
+
+    return resolve_device(device)
 
 
 def _build_model(
@@ -270,11 +265,13 @@ def evaluate(
     space = (space or default_space(key)).lower()
     if space not in ("y", "rgb"):
         raise VsrkitError(f"unknown colour space {space!r}: expected 'y' or 'rgb'")
-    if crop_border < 0:
-        raise VsrkitError(f"crop_border must be >= 0, got {crop_border}")
-    if max_frames is not None and max_frames <= 0:
-        raise VsrkitError(f"max_frames must be positive, got {max_frames}")
+    crop_border = NON_NEGATIVE_INT(crop_border, "crop_border")
+    max_frames = optional(POSITIVE_INT)(max_frames, "max_frames")
     config = dict(config or {})
+    if isinstance(model, str) and model.lower() in ARCHS:
+        from vsrkit.models import model_config
+
+        model_config(model.lower(), **config)  # a bad option fails before any data is read
     vimeo = key in _VIMEO
 
     # List the clips first: a wrong root or clip name should fail before loading weights.

@@ -42,6 +42,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,79 +51,126 @@ import torch
 import yaml
 from torch import nn
 
+from .checks import (
+    ANY_INT,
+    BOOLEAN,
+    NAMES,
+    NON_NEGATIVE_FLOAT,
+    NON_NEGATIVE_INT,
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    PROBABILITY,
+    TEXT,
+    Check,
+    choice,
+    list_of,
+    mapping_of,
+    nearest_key,
+    number,
+    optional,
+)
+from .data.datasets import DATASETS, DEGRADATIONS
 from .errors import VsrkitError
 from .fsutil import disk_full_error, is_disk_full, remove_dead_leftovers
+from .models import MODELS
 
 CHECKPOINT_FORMAT = "vsrkit-train-1"
 
-#: Every option with its default. Configs override these; ``--set`` may only name keys that exist
-#: here or in the config, except under the free-form sections ``model`` and ``optim.lr_mult``.
-DEFAULTS: dict[str, Any] = {
-    "model": {"arch": "basicvsr"},
+
+@dataclass(frozen=True)
+class Opt:
+    """A config value: its default and what it accepts."""
+
+    default: Any
+    check: Check
+
+
+_LAYOUT = choice("videos", *DATASETS)
+_DEGRADATION = choice(*DEGRADATIONS)
+
+#: Every option: its default and what it accepts. The one declaration of the config: unknown keys
+#: and bad values (at any depth, in files and ``--set``) are refused against it, and
+#: :data:`DEFAULTS` is read from it. The ``model`` section holds ``arch`` and the builder's options
+#: (checked against the builder, see :func:`vsrkit.models.model_config`); ``optim.lr_mult`` maps
+#: any module prefix to a multiplier.
+SCHEMA: dict[str, Any] = {
+    "model": {"arch": Opt("basicvsr", choice(*MODELS))},
     "init": {
-        "model": None,  # whole model: checkpoint file or registered weights name (fine-tuning)
-        "spynet": None,  # SPyNet only: a SPyNet file or any checkpoint with spynet.* keys
-        "edvr": None,  # IconVSR's EDVR-M extractor: an EDVR-M file or a checkpoint with edvr.* keys
+        "model": Opt(None, optional(TEXT)),  # whole model: checkpoint file or registered weights name
+        "spynet": Opt(None, optional(TEXT)),  # SPyNet only: a SPyNet file or a checkpoint with spynet.*
+        "edvr": Opt(None, optional(TEXT)),  # IconVSR's EDVR-M: an EDVR-M file or a checkpoint with edvr.*
     },
     "data": {
-        "layout": "videos",  # "videos" (a folder of video files) or a vsrkit.data.datasets layout
-        "root": None,
-        "split": "train",
-        "clips": None,  # only these clips / video file names (globs for videos)
-        "exclude": [],  # leave these out (globs): hold-out clips
-        "degradation": "bi",
-        "scale": 4,
-        "num_frames": 15,
-        "lr_patch": 64,
-        "mirror": False,  # Vimeo-90K: append the reversed clip (7 → 14 frames)
-        "flip": True,
-        "transpose": True,
-        "temporal_flip": False,
-        "batch_size": 4,  # per process (per GPU); the total batch is batch_size × world size
-        "num_workers": 4,
-        "max_frames_per_video": None,
-        "cache_dir": None,  # videos: decoded-frame cache; default WORK_DIR/frame_cache
-        "use_lq_files": True,  # data-set layouts: use the shipped LR frames when present
+        "layout": Opt("videos", _LAYOUT),  # "videos" (a folder of video files) or a data-set layout
+        "root": Opt(None, optional(TEXT)),
+        "split": Opt("train", TEXT),
+        "clips": Opt(None, optional(NAMES)),  # only these clips / video file names (globs for videos)
+        "exclude": Opt([], optional(NAMES)),  # leave these out (globs): hold-out clips
+        "degradation": Opt("bi", _DEGRADATION),
+        "scale": Opt(4, POSITIVE_INT),
+        "num_frames": Opt(15, POSITIVE_INT),
+        "lr_patch": Opt(64, POSITIVE_INT),
+        "mirror": Opt(False, BOOLEAN),  # Vimeo-90K: append the reversed clip (7 → 14 frames)
+        "flip": Opt(True, BOOLEAN),
+        "transpose": Opt(True, BOOLEAN),
+        "temporal_flip": Opt(False, BOOLEAN),
+        "batch_size": Opt(4, POSITIVE_INT),  # per process (per GPU); the total is batch_size × world size
+        "num_workers": Opt(4, NON_NEGATIVE_INT),
+        "max_frames_per_video": Opt(None, optional(POSITIVE_INT)),
+        "cache_dir": Opt(None, optional(TEXT)),  # videos: decoded-frame cache; default WORK_DIR/frame_cache
+        "use_lq_files": Opt(True, BOOLEAN),  # data-set layouts: use the shipped LR frames when present
     },
     "val": {
-        "every": 0,  # iterations between validations; 0: never
-        "layout": None,  # default: the data layout ("videos") or a test set (reds4, vid4, ...)
-        "root": None,  # default: data.root
-        "clips": None,
-        "exclude": [],
-        "degradation": None,  # default: data.degradation
-        "max_frames": None,
-        "gt_crop": None,  # centre crop of the GT (pixels) to bound time and memory
-        "space": "y",  # "y" (Vid4, UDM10, Vimeo-90K-T) or "rgb" (REDS4)
+        "every": Opt(0, NON_NEGATIVE_INT),  # iterations between validations; 0: never
+        "layout": Opt(None, optional(_LAYOUT)),  # default: the data layout, or a test set (reds4, vid4, ...)
+        "root": Opt(None, optional(TEXT)),  # default: data.root
+        "clips": Opt(None, optional(NAMES)),
+        "exclude": Opt([], optional(NAMES)),
+        "degradation": Opt(None, optional(_DEGRADATION)),  # default: data.degradation
+        "max_frames": Opt(None, optional(POSITIVE_INT)),
+        "gt_crop": Opt(
+            None, optional(POSITIVE_INT)
+        ),  # centre crop of the GT (pixels) to bound time and memory
+        "space": Opt("y", choice("y", "rgb")),  # "y" (Vid4, UDM10, Vimeo-90K-T) or "rgb" (REDS4)
     },
     "train": {
-        "iterations": 300000,
-        "seed": 0,
-        "fix_iter": 0,
-        "fix_modules": ["spynet", "edvr"],
-        "ema_decay": None,
-        "save_every": 5000,  # latest.pth
-        "keep_every": 0,  # also iter_N.pth every this many iterations; 0: never
-        "log_every": 100,
-        "num_threads": None,  # torch.set_num_threads; None leaves torch's default
-        "device": "auto",  # auto | cpu | cuda
-        "find_unused_parameters": False,
+        "iterations": Opt(300000, POSITIVE_INT),
+        "seed": Opt(0, NON_NEGATIVE_INT),
+        "fix_iter": Opt(0, ANY_INT),
+        "fix_modules": Opt(["spynet", "edvr"], NAMES),
+        "ema_decay": Opt(None, optional(PROBABILITY)),
+        "save_every": Opt(5000, NON_NEGATIVE_INT),  # latest.pth
+        "keep_every": Opt(0, NON_NEGATIVE_INT),  # also iter_N.pth every this many iterations; 0: never
+        "log_every": Opt(100, NON_NEGATIVE_INT),
+        "num_threads": Opt(None, optional(POSITIVE_INT)),  # torch.set_num_threads; None: torch's default
+        "device": Opt("auto", choice("auto", "cpu", "cuda")),
+        "find_unused_parameters": Opt(False, BOOLEAN),
     },
     "optim": {
-        "type": "adam",
-        "lr": 2.0e-4,
-        "betas": [0.9, 0.99],
-        "weight_decay": 0.0,
-        "lr_mult": {},  # module-name prefix → learning-rate multiplier
+        "type": Opt("adam", choice("adam")),
+        "lr": Opt(2.0e-4, POSITIVE_FLOAT),
+        "betas": Opt([0.9, 0.99], list_of(number(0, 1, high_open=True), length=2)),
+        "weight_decay": Opt(0.0, NON_NEGATIVE_FLOAT),
+        "lr_mult": Opt({}, optional(mapping_of(NON_NEGATIVE_FLOAT))),  # module-name prefix → multiplier
     },
     "scheduler": {
-        "type": "cosine_restart",
-        "periods": None,  # None: one period of train.iterations
-        "restart_weights": [1.0],
-        "eta_min": 1.0e-7,
+        "type": Opt("cosine_restart", choice("cosine_restart", "constant")),
+        "periods": Opt(None, optional(list_of(POSITIVE_INT))),  # None: one period of train.iterations
+        "restart_weights": Opt([1.0], optional(list_of(NON_NEGATIVE_FLOAT))),
+        "eta_min": Opt(1.0e-7, NON_NEGATIVE_FLOAT),
     },
-    "loss": {"type": "charbonnier", "eps": 1.0e-12},
+    "loss": {"type": Opt("charbonnier", choice("charbonnier")), "eps": Opt(1.0e-12, POSITIVE_FLOAT)},
 }
+
+
+def _defaults(schema: dict[str, Any]) -> dict[str, Any]:
+    return {k: _defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default) for k, v in schema.items()}
+
+
+#: Every option with its default (from :data:`SCHEMA`). Configs override these; ``--set`` may only
+#: name keys that exist here or in the config, except under the free-form sections ``model`` and
+#: ``optim.lr_mult``.
+DEFAULTS: dict[str, Any] = _defaults(SCHEMA)
 
 _FREE_FORM = {("model",), ("optim", "lr_mult")}
 
@@ -184,59 +232,86 @@ def apply_overrides(cfg: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
                 if tuple(parts[: depth + 1]) in _FREE_FORM or tuple(parts[:depth]) in _FREE_FORM:
                     node[part] = {}
                 else:
-                    raise VsrkitError(f"--set {text}: unknown key {'.'.join(parts[: depth + 1])!r}")
+                    raise VsrkitError(f"--set {text}: {_unknown(parts[: depth + 1], node)}")
             if not isinstance(node[part], dict):
                 raise VsrkitError(f"--set {text}: {'.'.join(parts[: depth + 1])!r} is not a section")
             node = node[part]
         if parts[-1] not in node and tuple(parts[:-1]) not in _FREE_FORM:
-            known = ", ".join(sorted(node))
-            raise VsrkitError(f"--set {text}: unknown key {'.'.join(parts)!r} (known here: {known})")
+            raise VsrkitError(f"--set {text}: {_unknown(parts, node)}")
         node[parts[-1]] = value
     return cfg
 
 
+def _unknown(parts: Sequence[str], known: Iterable[str]) -> str:
+    """ "unknown key train.iteration (did you mean train.iterations?)"."""
+    section = "".join(p + "." for p in parts[:-1])
+    return f"unknown key {section}{parts[-1]} ({nearest_key(parts[-1], known, section)})"
+
+
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Read a training config: defaults, then the file (with its ``base`` chain), then ``overrides``."""
-    user = _read_yaml(Path(path))
-    unknown = sorted(set(user) - set(DEFAULTS))
-    if unknown:
-        raise VsrkitError(
-            f"config {path}: unknown sections {', '.join(unknown)} (known: {', '.join(DEFAULTS)})"
-        )
-    cfg = apply_overrides(_merge(DEFAULTS, user), overrides)
-    check_config(cfg)
+    """Read a training config: defaults, then the file (with its ``base`` chain), then ``overrides``.
+
+    Every key and value is checked against :data:`SCHEMA` (see :func:`check_config`).
+    """
+    cfg = _merge(DEFAULTS, _read_yaml(Path(path)))
+    check_config(cfg, source=f"config {path}")
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+        check_config(cfg, source="--set")
     return cfg
 
 
-def check_config(cfg: dict[str, Any]) -> None:
-    """Reject configs that would fail late (after minutes of data preparation)."""
+def _check_section(schema: dict[str, Any], section: dict[str, Any], path: list[str], source: str) -> None:
+    """Check (and normalise in place) ``section`` against ``schema``: keys, then values."""
+    for key, value in list(section.items()):
+        parts = [*path, str(key)]
+        dotted = ".".join(parts)
+        rule = schema.get(key)
+        if rule is None:
+            raise VsrkitError(f"{source}: {_unknown(parts, schema)}")
+        if isinstance(rule, dict):
+            if not isinstance(value, dict):
+                raise VsrkitError(f"{source}: {dotted} must be a section of keys, got {value!r:.60}")
+            _check_section(rule, value, parts, source)
+        else:
+            section[key] = rule.check(value, f"{source}: {dotted}")
+
+
+def check_config(cfg: dict[str, Any], source: str = "config") -> None:
+    """Refuse, in one line naming ``source`` and the dotted key, any key that :data:`SCHEMA` (or,
+    under ``model``, the architecture's builder) does not have and any value it does not accept,
+    then the combinations that would fail late (after minutes of data preparation).
+
+    Values are normalised in place (``"1e-4"``, which YAML reads as text, becomes a number).
+    """
     from .models import model_config
 
-    model = dict(cfg["model"])
-    arch = model.pop("arch", None)
+    model = cfg.get("model")
+    if not isinstance(model, dict):
+        raise VsrkitError(f"{source}: model must be a section of keys, got {model!r:.60}")
+    options = dict(model)
+    arch = options.pop("arch", None)
     if not arch:
-        raise VsrkitError("config: model.arch is required")
-    model_config(arch, **model)  # unknown options → VsrkitError
-    tr, data = cfg["train"], cfg["data"]
-    if int(tr["iterations"]) < 0:
-        raise VsrkitError("train.iterations must be >= 0")
-    for key in ("batch_size", "num_frames", "lr_patch", "scale"):
-        if int(data[key]) < 1:
-            raise VsrkitError(f"data.{key} must be >= 1")
-    if str(data["degradation"]).lower() not in ("bi", "bd"):
-        raise VsrkitError("data.degradation must be bi or bd")
-    if cfg["loss"]["type"] != "charbonnier":
-        raise VsrkitError("loss.type: only charbonnier is implemented")
-    if cfg["optim"]["type"] != "adam":
-        raise VsrkitError("optim.type: only adam is implemented")
-    if cfg["scheduler"]["type"] not in ("cosine_restart", "constant"):
-        raise VsrkitError("scheduler.type must be cosine_restart or constant")
-    if arch == "iconvsr" and model.get("refill", True):
-        need = 2 * int(model.get("temporal_padding", 2)) + 1
+        raise VsrkitError(f"{source}: model.arch is required")
+    arch = SCHEMA["model"]["arch"].check(arch, f"{source}: model.arch")
+    checked = model_config(arch, source=source, section="model.", **options)
+    cfg["model"] = {"arch": arch, **{k: checked[k] for k in options}}
+    _check_section(SCHEMA, {k: v for k, v in cfg.items() if k != "model"}, [], source)
+
+    data, sch = cfg["data"], cfg["scheduler"]
+    periods, weights = sch["periods"], sch["restart_weights"]
+    if periods and weights and len(weights) not in (1, len(periods)):
+        raise VsrkitError(
+            f"{source}: scheduler.restart_weights has {len(weights)} values for {len(periods)} "
+            "scheduler.periods (give one, or one per period)"
+        )
+    if arch == "iconvsr" and options.get("refill", True):
+        need = 2 * int(options.get("temporal_padding", 2)) + 1
         frames = int(data["num_frames"]) * (2 if data["mirror"] else 1)
         if frames < need:
             raise VsrkitError(
-                f"IconVSR with temporal_padding needs clips of >= {need} frames, data gives {frames}"
+                f"{source}: IconVSR with temporal_padding needs clips of >= {need} frames, "
+                f"data gives {frames}"
             )
 
 
@@ -783,7 +858,9 @@ class Trainer:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001
-            raise VsrkitError(f"cannot read {path}: {str(exc).splitlines()[0][:200]}") from None
+            from .weights import unreadable_reason
+
+            raise VsrkitError(f"cannot read {path}: {unreadable_reason(path, exc)}") from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise VsrkitError(f"{path} is not a vsrkit training checkpoint")
         if state["arch"] != self.model.arch or state["model_config"] != dict(self.model.config):
@@ -989,7 +1066,9 @@ def train(
 
     Returns ``{"iteration", "best", "work_dir"}``. Under ``torchrun`` every rank calls this.
     """
-    cfg = apply_overrides(config, overrides) if isinstance(config, dict) else load_config(config, overrides)
     if isinstance(config, dict):
+        cfg = apply_overrides(_merge(DEFAULTS, config), overrides)
         check_config(cfg)
+    else:
+        cfg = load_config(config, overrides)
     return Trainer(cfg, work_dir, resume=resume, overwrite=overwrite).run()

@@ -9,7 +9,8 @@ from typing import Any
 
 from torch import nn
 
-from .engine import EngineOptions, Upscaler
+from .checks import check_crf
+from .engine import EngineOptions, Upscaler, resolve_device
 from .errors import VsrkitError
 
 # The weights used when only an architecture is named: each family's REDS model, the most
@@ -64,6 +65,10 @@ def upscale(
 
     if os.path.exists(output) and not overwrite:
         raise VsrkitError(f"{output} exists; pass --overwrite to replace it")
+    # The writer checks crf against the encoder it picks; this refuses it before the model loads.
+    webm = os.fspath(output).lower().endswith(".webm")
+    crf = check_crf(crf, codec or ("libvpx-vp9" if webm else "libx264"))
+    resolve_device(device)  # an absent GPU is refused before the input is read
     options = EngineOptions(
         device=device,
         precision=precision,

@@ -54,13 +54,41 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file to the user
-        text = str(exc)
-        if "Unsupported global" in text or "safe_globals" in text:
-            reason = "it holds Python objects other than tensors, which vsrkit refuses to unpickle"
-        else:
-            reason = "not a readable PyTorch or safetensors checkpoint (corrupt or truncated?)"
-        raise VsrkitError(f"cannot read checkpoint {path}: {reason}") from None
+        raise VsrkitError(f"cannot read checkpoint {path}: {unreadable_reason(path, exc)}") from None
     return _from_object(obj, str(path))
+
+
+def unreadable_reason(path: str | os.PathLike, exc: BaseException) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed with ``exc``, in words for the user:
+    unsafe contents (a well-formed pickle the safe loader refuses) or damage."""
+    if "unsupported global" in str(exc).lower() or _is_whole_pickle(Path(path)):
+        return (
+            "it contains pickled objects that safe loading refuses (weights_only=True); "
+            "vsrkit never runs code from a checkpoint"
+        )
+    return "not a readable PyTorch or safetensors checkpoint (corrupt or truncated?)"
+
+
+def _is_whole_pickle(path: Path) -> bool:
+    """Whether ``path`` holds a complete, well-formed pickle stream (a torch zip's ``data.pkl``, or
+    a bare pickle). It is only parsed, never run: the safe loader refused it for its contents,
+    not for damage, when this holds."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                if not names:
+                    return False
+                data = archive.read(names[0])
+        else:
+            data = path.read_bytes()
+        ops = list(pickletools.genops(data))
+    except Exception:  # noqa: BLE001 - anything unparsable is damage
+        return False
+    return bool(ops) and ops[-1][0].name == "STOP"
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -70,18 +98,44 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
-def _read_safetensors(path: Path) -> Checkpoint:
-    from safetensors import safe_open
-
+def _safetensors_module(what: str):
     try:
-        with safe_open(str(path), framework="pt") as f:
+        import safetensors.torch
+    except ImportError:
+        raise VsrkitError(
+            f"{what} needs the safetensors package, which is not installed: pip install safetensors"
+        ) from None
+    return safetensors
+
+
+def _read_safetensors(path: Path) -> Checkpoint:
+    safetensors = _safetensors_module(f"reading {path}")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # noqa: BLE001
-        raise VsrkitError(f"cannot read checkpoint {path}: {str(exc)[:200]}") from None
+        raise VsrkitError(f"cannot read checkpoint {path}: {' '.join(str(exc).split())[:200]}") from None
     if meta.get("format") == VSRKIT_FORMAT:
-        return Checkpoint(sd, "vsrkit", str(path), meta.get("arch"), json.loads(meta.get("config", "{}")))
+        return Checkpoint(sd, "vsrkit", str(path), *_vsrkit_metadata(meta, path))
     return _from_object(sd, str(path))
+
+
+def _vsrkit_metadata(meta: dict[str, str], path: Path) -> tuple[str, dict[str, Any]]:
+    """The architecture and configuration a vsrkit file records; their values are checked
+    against the builder by :func:`vsrkit.models.model_config` before anything is built."""
+    from .models import MODELS
+
+    arch = meta.get("arch")
+    if arch not in MODELS:
+        raise VsrkitError(f"checkpoint {path}: metadata arch is {arch!r}, not one of {', '.join(MODELS)}")
+    try:
+        config = json.loads(meta.get("config", "{}"))
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise VsrkitError(f"checkpoint {path}: metadata config is not a JSON object of options")
+    return arch, config
 
 
 def _from_object(obj: Any, path: str) -> Checkpoint:
@@ -297,8 +351,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object], *, rep
 
 def save_vsrkit(model: nn.Module, path: str | os.PathLike, arch: str | None = None) -> None:
     """Write ``model`` as safetensors with its architecture and configuration in the metadata."""
-    from safetensors.torch import save_file
-
+    save_file = _safetensors_module(f"writing {path}").torch.save_file
     arch = arch or getattr(model, "arch", None)
     if arch is None:
         raise ValueError("the architecture is unknown: pass arch=")

@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any
 
+from ..checks import DEVICE, NON_NEGATIVE_INT, POSITIVE_INT, arg, choice
 from ..errors import VsrkitError
 
 _MODELS = ("bicubic", "basicvsr", "iconvsr", "basicvsr_pp")
@@ -40,12 +41,25 @@ def register(subparsers) -> None:
     p.add_argument("--degradation", default="bi", metavar="bi|bd", help="default: bi")
     p.add_argument("--split", default="test", help="test (default); reds/reds4/vimeo90k: train, reds: val")
     p.add_argument("--clips", metavar="A,B", help="score only these clips (comma-separated)")
-    p.add_argument("--space", metavar="y|rgb", help="default: rgb for REDS, y elsewhere (as the papers)")
     p.add_argument(
-        "--crop-border", type=int, default=0, metavar="N", help="pixels dropped per side (default 0)"
+        "--space",
+        type=arg(choice("y", "rgb")),
+        metavar="y|rgb",
+        help="default: rgb for REDS, y elsewhere (as the papers)",
     )
-    p.add_argument("--max-frames", type=int, metavar="N", help="score only the first N frames of each clip")
-    p.add_argument("--device", default="auto", metavar="cpu|cuda|auto", help="default: auto")
+    p.add_argument(
+        "--crop-border",
+        type=arg(NON_NEGATIVE_INT),
+        default=0,
+        metavar="N",
+        help="pixels dropped per side (default 0)",
+    )
+    p.add_argument(
+        "--max-frames", type=arg(POSITIVE_INT), metavar="N", help="score only the first N frames of each clip"
+    )
+    p.add_argument(
+        "--device", default="auto", type=arg(DEVICE), metavar="cpu|cuda|auto", help="default: auto"
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -125,8 +139,6 @@ def run(args: argparse.Namespace) -> int:
     degradation = args.degradation.lower()
     if degradation not in DEGRADATIONS:
         raise VsrkitError(f"unknown degradation {args.degradation!r}; choose bi or bd")
-    if args.device not in ("cpu", "cuda", "auto") and not args.device.startswith("cuda:"):
-        raise VsrkitError(f"unknown device {args.device!r}; choose cpu, cuda or auto")
     config = parse_overrides(args.overrides)
     if args.json:
         _check_json_path(args.json, args.overwrite)

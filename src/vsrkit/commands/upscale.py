@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..checks import DEVICE, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT, arg, integer
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -20,7 +22,9 @@ def register(subparsers) -> None:
         help="registered weights name (see `vsrkit weights`) or checkpoint file; "
         "default: the model's REDS weights (basicvsr_reds4 for basicvsr)",
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument(
+        "--device", default="auto", type=arg(DEVICE), help="auto, cpu, cuda or cuda:N (default: auto)"
+    )
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument(
         "--tile", type=int, default=None, metavar="N", help="process N×N LR tiles (for large frames)"
@@ -30,26 +34,35 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--segment-frames",
-        type=int,
+        type=arg(POSITIVE_INT),
         default=32,
         metavar="K",
         help="BasicVSR/IconVSR: backward states kept in memory (exact for any K; memory grows with K)",
     )
     p.add_argument(
         "--state-disk-mb",
-        type=float,
+        type=arg(NON_NEGATIVE_FLOAT),
         default=2048,
         metavar="MB",
         help="BasicVSR/IconVSR: temporary disk for backward states, saving their recomputation "
         "on clips longer than K (default 2048; 0 recomputes)",
     )
-    p.add_argument("--window-frames", type=int, default=32, metavar="W", help="BasicVSR++: frames per window")
     p.add_argument(
-        "--window-overlap", type=int, default=8, metavar="O", help="BasicVSR++: frames shared by windows"
+        "--window-frames", type=arg(integer(2)), default=32, metavar="W", help="BasicVSR++: frames per window"
+    )
+    p.add_argument(
+        "--window-overlap",
+        type=arg(NON_NEGATIVE_INT),
+        default=8,
+        metavar="O",
+        help="BasicVSR++: frames shared by windows",
     )
     p.add_argument("--codec", default=None, help="video encoder (default libx264; libvpx-vp9 for .webm)")
     p.add_argument(
-        "--crf", type=int, default=18, help="quality for x264/x265/VPx (lower is better; default 18)"
+        "--crf",
+        type=arg(NON_NEGATIVE_INT),
+        default=18,
+        help="quality for x264/x265 (0-51) or VPx/AV1 (0-63); lower is better (default 18)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--allow-corrupt", action="store_true", help="skip undecodable packets instead of failing")

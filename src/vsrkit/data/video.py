@@ -82,6 +82,7 @@ import av
 import av.error
 import numpy as np
 
+from vsrkit.checks import check_crf
 from vsrkit.errors import VsrkitError
 from vsrkit.fsutil import (
     deferred_signals,
@@ -551,6 +552,7 @@ class VideoWriter:
 
         if self.is_video:
             self.codec = self._choose_codec(codec)
+            self.crf = check_crf(crf, self.codec)
         else:
             self.codec = None
 

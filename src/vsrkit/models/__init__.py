@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import nn
 
+from ..checks import BOOLEAN, TEXT, Check, integer, nearest_key, number
+from ..errors import VsrkitError
 from .basicvsr import BasicVSR
 from .basicvsr_pp import BasicVSRPlusPlus
 from .iconvsr import IconVSR
@@ -22,24 +24,62 @@ MODELS: dict[str, type[nn.Module]] = {
 }
 
 
-def model_config(arch: str, **overrides: Any) -> dict[str, Any]:
-    """The paper's configuration of ``arch`` (the class defaults), with ``overrides`` applied."""
-    cls = _model_class(arch)
-    params = inspect.signature(cls.__init__).parameters
-    config = {k: p.default for k, p in params.items() if k != "self"}
-    unknown = sorted(set(overrides) - set(config))
-    if unknown:
-        from ..errors import VsrkitError
+# Bounds of the builders' whole-number options, by name. Beyond them a config is a mistake (or a
+# hostile checkpoint) that would allocate absurd amounts of memory before failing.
+_INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "mid_channels": (1, 1024),
+    "edvr_channels": (1, 1024),
+    "num_blocks": (0, 100),
+    "keyframe_stride": (1, 100_000),
+    "num_segments": (1, 100_000),
+}
+_FLOAT_BOUNDS: dict[str, tuple[float, float]] = {"max_residue_magnitude": (0.0, 1000.0)}
 
-        raise VsrkitError(f"{arch} has no option {', '.join(unknown)} (options: {', '.join(config)})")
-    config.update(overrides)
+
+def _option_check(cls: type[nn.Module], name: str, param: inspect.Parameter) -> Check:
+    """What ``cls`` accepts for ``name``: its fixed choices, else by the annotated type and bounds."""
+    choices = getattr(cls, "OPTION_CHOICES", {}).get(name)
+    if choices is not None:
+        return Check(f"one of {', '.join(map(str, choices))}", lambda v: _one_of(v, choices))
+    kind = str(param.annotation)
+    if kind == "bool":
+        return BOOLEAN
+    if kind == "int":
+        return integer(*_INT_BOUNDS.get(name, (0, 1_000_000)))
+    if kind == "float":
+        low, high = _FLOAT_BOUNDS.get(name, (-1e9, 1e9))
+        return number(low, high, low_open=True)
+    return TEXT
+
+
+def _one_of(value: Any, choices: tuple[Any, ...]) -> Any:
+    if isinstance(value, bool) or value not in choices:
+        raise ValueError(value)
+    return value
+
+
+def model_config(arch: str, *, source: str = "", section: str = "", **overrides: Any) -> dict[str, Any]:
+    """The paper's configuration of ``arch`` (the class defaults), with ``overrides`` applied.
+
+    Every override is checked against the builder's parameters (name, type, range) before
+    anything is built. A bad one is a :class:`VsrkitError` that starts with ``source`` (e.g. the
+    checkpoint the values come from) and names the key as ``section`` + key (e.g. ``model.``).
+    """
+    cls = _model_class(arch)
+    params = {k: p for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+    config = {k: p.default for k, p in params.items()}
+    start = f"{source}: " if source else ""
+    for key, value in overrides.items():
+        if key not in params:
+            hint = nearest_key(key, params, section)
+            raise VsrkitError(f"{start}unknown {arch} option {section}{key} ({hint})")
+        name = f"{section}{key}" if section else f"{arch} option {key}"
+        config[key] = _option_check(cls, key, params[key])(value, start + name)
     return config
 
 
 def _model_class(arch: str) -> type[nn.Module]:
     if arch not in MODELS:
-        from ..errors import VsrkitError
-
         raise VsrkitError(f"unknown architecture {arch!r} (choose from {', '.join(MODELS)})")
     return MODELS[arch]
 

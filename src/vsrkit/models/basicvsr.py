@@ -48,6 +48,12 @@ def pairwise_flows(spynet: SpyNet, lqs: torch.Tensor, direction: str) -> torch.T
 
 
 class BasicVSR(nn.Module):
+    #: The values each text option accepts (checked before building, see ``vsrkit.models``).
+    OPTION_CHOICES = {
+        "propagation": ("bidirectional", "unidirectional"),
+        "alignment": ("feature", "image", "none"),
+    }
+
     def __init__(
         self,
         mid_channels: int = 64,
@@ -57,9 +63,9 @@ class BasicVSR(nn.Module):
         num_segments: int = 1,
     ) -> None:
         super().__init__()
-        if propagation not in ("bidirectional", "unidirectional"):
+        if propagation not in self.OPTION_CHOICES["propagation"]:
             raise ValueError(f"propagation must be 'bidirectional' or 'unidirectional', got {propagation!r}")
-        if alignment not in ("feature", "image", "none"):
+        if alignment not in self.OPTION_CHOICES["alignment"]:
             raise ValueError(f"alignment must be 'feature', 'image' or 'none', got {alignment!r}")
         self.mid_channels = mid_channels
         self.propagation = propagation

@@ -77,6 +77,9 @@ class SecondOrderDeformableAlignment(nn.Module):
 
 
 class BasicVSRPlusPlus(nn.Module):
+    #: The values each text option accepts (checked before building, see ``vsrkit.models``).
+    OPTION_CHOICES = {"alignment": ("deformable", "flow")}
+
     def __init__(
         self,
         mid_channels: int = 64,
@@ -87,7 +90,7 @@ class BasicVSRPlusPlus(nn.Module):
         alignment: str = "deformable",
     ) -> None:
         super().__init__()
-        if alignment not in ("deformable", "flow"):
+        if alignment not in self.OPTION_CHOICES["alignment"]:
             raise ValueError(f"alignment must be 'deformable' or 'flow', got {alignment!r}")
         self.mid_channels = mid_channels
         self.is_low_res_input = is_low_res_input

@@ -58,6 +58,9 @@ def pad_to_multiple(lqs: torch.Tensor, multiple: int, min_size: int = 0) -> torc
 
 
 class IconVSR(nn.Module):
+    #: The values each option with a fixed set accepts (checked before building, see ``vsrkit.models``).
+    OPTION_CHOICES = {"temporal_padding": tuple(_TEMPORAL_PAD)}
+
     def __init__(
         self,
         mid_channels: int = 64,
