@@ -25,6 +25,7 @@ source's audio and subtitle streams are copied as ``vsrkit upscale`` copies them
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from fractions import Fraction
@@ -197,12 +198,13 @@ def is_video_path(path: str | os.PathLike) -> bool:
 
 
 def shot_folder_beside(output: str | os.PathLike) -> Path:
-    """A private folder for an output's shot segments, in the output's folder (named with our pid)."""
+    """A private folder for an output's shot segments, beside it, named with our host and pid."""
     output = Path(output)
     if not output.parent.is_dir():
         raise VsrkitError(f"output folder {output.parent} does not exist (for {output})")
     try:
-        return Path(tempfile.mkdtemp(prefix=f".{output.name}.shots-{os.getpid()}-", dir=output.parent))
+        prefix = f".{output.name}.shots-{socket.gethostname()}-{os.getpid()}-"
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=output.parent))
     except OSError as exc:
         raise VsrkitError(f"cannot write to {output.parent} (for {output}): {exc.strerror or exc}") from exc
 
