@@ -120,9 +120,18 @@ class _ProgressBoard:
         return sum(self.done.values())
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if isinstance(exc, VsrkitError) else f"{type(exc).__name__}: {text}"
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    """One short line for a failure: a VsrkitError's text, else the exception's type and text.
+
+    Ray's errors carry the worker's own exception as ``cause`` inside a long banner; the cause
+    is what the user needs.
+    """
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        return _one_line(cause, limit)
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split())
+    text = text if isinstance(exc, VsrkitError) else f"{type(exc).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _reporter(board: Any, key: str):
@@ -447,8 +456,7 @@ def _run(
         while running:
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
             if bar is not None:
-                bar.n = ray.get(board.total.remote())
-                bar.refresh()
+                _update(bar, ray, board)
             for ref in ready:
                 kind, job, detail = running.pop(ref)
                 try:
@@ -491,7 +499,7 @@ def _run(
                         submit("join", job, join_remote, args)
             launch()
         if bar is not None:
-            bar.n = ray.get(board.total.remote())
+            _update(bar, ray, board)
             bar.close()
     finally:
         for job in jobs:
@@ -499,6 +507,14 @@ def _run(
                 shutil.rmtree(job.folder, ignore_errors=True)
         if started:
             ray.shutdown()
+
+
+def _update(bar: Any, ray: Any, board: Any) -> None:
+    try:
+        bar.n = ray.get(board.total.remote(), timeout=10)
+    except Exception:  # noqa: BLE001 - a lost progress actor costs the bar, not the batch
+        return
+    bar.refresh()
 
 
 def _shot_folder(output: Path) -> Path:
