@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import av
 import numpy as np
 import pytest
@@ -31,12 +36,12 @@ def lr_frames(path, count, crop=None):
     return out
 
 
-def make_three_shot_film(videos, path):
+def make_three_shot_film(videos, path, shot_frames=SHOT_FRAMES):
     """Three real shots (cup, box, street) with cup's timing and AAC audio: cuts at 6 and 12."""
     frames = (
-        lr_frames(videos / "cup.mp4", SHOT_FRAMES)
-        + lr_frames(videos / "box.mp4", SHOT_FRAMES)
-        + lr_frames(videos / "vtest.avi", SHOT_FRAMES, crop=(480, 640))
+        lr_frames(videos / "cup.mp4", shot_frames)
+        + lr_frames(videos / "box.mp4", shot_frames)
+        + lr_frames(videos / "vtest.avi", shot_frames, crop=(480, 640))
     )
     with open_frames(videos / "cup.mp4") as source, open_writer(path, source=source, crf=12) as writer:
         for frame in frames:
@@ -98,9 +103,18 @@ def test_propagation_is_reset_at_each_cut(three_shot_film, tiny_weights):
 
 def test_upscale_scene_cuts_keeps_frames_timing_and_audio(three_shot_film, tiny_weights, tmp_path, capsys):
     out = tmp_path / "film_x4.mp4"
+    # Shot folders of runs on this host: one whose process is gone (killed), one still running.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".old.mp4.shots-{host}-{dead.pid}-abc123"
+    live = tmp_path / f".other.mp4.shots-{host}-{os.getpid()}-def456"
+    stale.mkdir()
+    live.mkdir()
     argv = ["upscale", str(three_shot_film), str(out), "--weights", str(tiny_weights), "--quiet"]
     assert main([*argv, "--scene-cuts", "--min-shot-frames", "4"]) == 0, capsys.readouterr().err
-    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # the shot segments are gone
+    # The shot segments are gone, and so is the killed run's folder.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, live.name])
     src_frames, src_audio = video_timing(three_shot_film)
     out_frames, out_audio = video_timing(out)
     assert out_frames == src_frames and len(out_frames) == 18

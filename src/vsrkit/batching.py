@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import VsrkitError
-from .scenes import DEFAULT_MIN_SHOT_FRAMES, DEFAULT_THRESHOLD
+from .scenes import DEFAULT_MIN_SHOT_FRAMES, DEFAULT_THRESHOLD, segment_name, shot_folder_beside
 
 # Ray's own default for tasks; named here because the worker-death test relies on it.
 DEFAULT_MAX_RETRIES = 3
@@ -209,23 +208,6 @@ def _group_shots(shots: list[tuple[int, int]], groups: int) -> list[list[tuple[i
     return out
 
 
-def remove_stale_shot_folders(folder: Path) -> None:
-    """Remove shot folders that a run on this host left behind when it was killed."""
-    host = socket.gethostname()
-    pattern = re.compile(r"\..+\.shots-(.+)-(\d+)-[^-]+$")
-    for entry in folder.iterdir() if folder.is_dir() else ():
-        match = pattern.fullmatch(entry.name)
-        if not match or match.group(1) != host or not entry.is_dir():
-            continue
-        pid = int(match.group(2))
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(entry, ignore_errors=True)
-        except PermissionError:
-            pass
-
-
 def _count_frames(path: Path) -> int | None:
     from .data.video import open_frames
 
@@ -331,7 +313,6 @@ def batch(
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise VsrkitError(f"cannot make the output folder {out_dir}: {exc.strerror or exc}") from exc
-    remove_stale_shot_folders(out_dir)
     allow_corrupt = bool(upscale_options.get("allow_corrupt", False))
     options = {**upscale_options, "overwrite": overwrite}
 
@@ -430,16 +411,18 @@ def _run(
                 "[{elapsed}<{remaining}]",
             )
 
-        queue: list[tuple[Any, tuple]] = []  # (remote function, args) waiting for a free worker
-        running: dict[Any, tuple[str, _Job, Any]] = {}  # ObjectRef -> (kind, job, detail)
+        # Tasks wait here for a free worker: (kind, job, remote function, arguments).
+        queue: list[tuple[str, _Job, Any, tuple]] = []
+        running: dict[Any, tuple[str, _Job]] = {}  # ObjectRef -> (kind, job)
 
-        def submit(kind: str, job: _Job, remote: Any, args: tuple, detail: Any = None) -> None:
-            queue.append((remote, args, kind, job, detail))
+        def submit(kind: str, job: _Job, remote: Any, args: tuple) -> None:
+            queue.append((kind, job, remote, args))
 
         def launch() -> None:
             while queue and len(running) < workers:
-                remote, args, kind, job, detail = queue.pop(0)
-                running[remote.remote(*args)] = (kind, job, detail)
+                kind, job, remote, args = queue.pop(0)
+                if job.failed is None:  # the rest of a failed input's work is dropped
+                    running[remote.remote(*args)] = (kind, job)
 
         for job in jobs:
             if scene_cuts:
@@ -458,7 +441,7 @@ def _run(
             if bar is not None:
                 _update(bar, ray, board)
             for ref in ready:
-                kind, job, detail = running.pop(ref)
+                kind, job = running.pop(ref)
                 try:
                     ok, value = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - a task Ray gave up on (retries spent)
@@ -470,7 +453,11 @@ def _run(
                     continue
                 if kind == "detect":
                     job.shots = value
-                    job.folder = _shot_folder(job.output)
+                    try:
+                        job.folder = shot_folder_beside(job.output)
+                    except VsrkitError as exc:
+                        job.failed = str(exc)
+                        continue
                     groups = _group_shots(job.shots, workers * _TASKS_PER_WORKER)
                     job.groups_left = len(groups)
                     for n, group in enumerate(groups):
@@ -486,8 +473,6 @@ def _run(
                 elif kind == "shots":
                     job.groups_left -= 1
                     if job.groups_left == 0:
-                        from .scenes import segment_name
-
                         segments = [str(job.folder / segment_name(shot)) for shot in job.shots]
                         args = (
                             str(job.input),
@@ -515,9 +500,3 @@ def _update(bar: Any, ray: Any, board: Any) -> None:
     except Exception:  # noqa: BLE001 - a lost progress actor costs the bar, not the batch
         return
     bar.refresh()
-
-
-def _shot_folder(output: Path) -> Path:
-    from .scenes import shot_folder_beside
-
-    return shot_folder_beside(output)

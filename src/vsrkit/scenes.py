@@ -25,6 +25,8 @@ source's audio and subtitle streams are copied as ``vsrkit upscale`` copies them
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -197,11 +199,29 @@ def is_video_path(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in VIDEO_EXTENSIONS
 
 
+def remove_stale_shot_folders(folder: Path) -> None:
+    """Remove shot folders that a run on this host left behind when it was killed."""
+    host = socket.gethostname()
+    pattern = re.compile(r"\..+\.shots-(.+)-(\d+)-[^-]+$")
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        match = pattern.fullmatch(entry.name)
+        if not match or match.group(1) != host or not entry.is_dir():
+            continue
+        pid = int(match.group(2))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
 def shot_folder_beside(output: str | os.PathLike) -> Path:
     """A private folder for an output's shot segments, beside it, named with our host and pid."""
     output = Path(output)
     if not output.parent.is_dir():
         raise VsrkitError(f"output folder {output.parent} does not exist (for {output})")
+    remove_stale_shot_folders(output.parent)
     try:
         prefix = f".{output.name}.shots-{socket.gethostname()}-{os.getpid()}-"
         return Path(tempfile.mkdtemp(prefix=prefix, dir=output.parent))
