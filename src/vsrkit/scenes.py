@@ -24,6 +24,7 @@ source's audio and subtitle streams are copied as ``vsrkit upscale`` copies them
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -193,10 +194,13 @@ class SourceRange:
         return getattr(self._source, name)
 
 
-def is_video_path(path: str | os.PathLike) -> bool:
-    from .data.video import VIDEO_EXTENSIONS
+# Containers that store each packet's timestamps, so that shots encoded apart can be joined
+# (AVI has one frame duration for the whole stream; WebM is left to one continuous encode).
+JOINABLE_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv")
 
-    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
+
+def is_joinable(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in JOINABLE_EXTENSIONS
 
 
 def remove_stale_shot_folders(folder: Path) -> None:
@@ -229,8 +233,8 @@ def shot_folder_beside(output: str | os.PathLike) -> Path:
         raise VsrkitError(f"cannot write to {output.parent} (for {output}): {exc.strerror or exc}") from exc
 
 
-def segment_name(shot: tuple[int, int]) -> str:
-    return f"shot-{shot[0]:08d}.mp4"
+def segment_name(shot: tuple[int, int], suffix: str = ".mp4") -> str:
+    return f"shot-{shot[0]:08d}{suffix}"
 
 
 def open_segment_writer(path: str | os.PathLike, *, source: Any, **options: Any):
@@ -256,8 +260,11 @@ def write_shot_segments(
     codec: str | None = None,
     crf: int | None = 18,
     progress: Callable[[int], None] | None = None,
+    suffix: str = ".mp4",
 ) -> list[Path]:
     """Upscale each shot on its own and encode it to ``folder/shot-START.mp4`` (video only).
+
+    ``suffix`` is the segments' container (that of the joined output).
 
     Every segment has the source's timing for its frames and the same encoder settings, so
     :func:`join_segments` can concatenate them. An existing segment is replaced: the folder is
@@ -272,7 +279,7 @@ def write_shot_segments(
         if skipped != shots[0][0]:
             raise VsrkitError(f"{source.path} has {skipped} frames; shot {shots[0]} is past its end")
         for start, stop in shots:
-            path = folder / segment_name((start, stop))
+            path = folder / segment_name((start, stop), suffix)
             view = SourceRange(source, start, stop)
             with open_segment_writer(path, source=view, codec=codec, crf=crf, overwrite=True) as writer:
                 for frame in engine.run(islice(frames, stop - start), progress=progress):
@@ -325,8 +332,13 @@ def join_segments(
     from .data.video import _AuxCopier, _format_for, open_frames
 
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise VsrkitError(f"output {output} exists; pass --overwrite to replace it")
+    if output.exists() or output.is_symlink():
+        if not overwrite:
+            raise VsrkitError(f"output {output} exists; pass --overwrite to replace it")
+        if output.is_dir():
+            raise VsrkitError(f"output {output} is an existing folder; cannot replace it with a video")
+        if output.exists() and output.samefile(source_path):
+            raise VsrkitError(f"output {output} is the input; choose another output path")
     source = open_frames(source_path, allow_corrupt=allow_corrupt)
     opened = [_segment_packets(Path(p)) for p in segments]
     try:
@@ -398,11 +410,23 @@ def _umask() -> int:
 
 def _publish(tmp: Path, output: Path, overwrite: bool) -> None:
     """Move ``tmp`` to ``output``; without ``overwrite``, never over a file that appeared meanwhile."""
-    if overwrite:
-        os.replace(tmp, output)
-        return
     try:
-        os.link(tmp, output)  # fails if anything is at ``output``, atomically
+        if overwrite:
+            os.replace(tmp, output)
+            return
+        try:
+            os.link(tmp, output)  # fails if anything is at ``output``, atomically
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            # No hard links here: claim the name with an empty file of our own, then fill it.
+            os.close(os.open(output, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            os.replace(tmp, output)
+            return
     except FileExistsError as exc:
         raise VsrkitError(f"output {output} appeared while it was being written; left it as it is") from exc
+    except OSError as exc:
+        raise VsrkitError(
+            f"cannot move the finished output into place at {output}: {exc.strerror or exc}"
+        ) from exc
     tmp.unlink()

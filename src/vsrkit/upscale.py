@@ -78,7 +78,7 @@ def upscale(
     from .scenes import (
         check_shots,
         detect_shots,
-        is_video_path,
+        is_joinable,
         join_segments,
         run_shots,
         shot_folder_beside,
@@ -119,13 +119,20 @@ def upscale(
             if segments_only:
                 write_shot_segments(engine, source, shots, output, codec=codec, crf=crf, progress=on_step)
                 count = num_frames
-            elif shots is not None and is_video_path(output):
+            elif shots is not None and is_joinable(output):
                 # One segment per shot, joined without re-encoding: the same files whether the
                 # shots ran here one after another or on several workers (vsrkit batch).
                 folder = shot_folder_beside(output)
                 try:
                     paths = write_shot_segments(
-                        engine, source, shots, folder, codec=codec, crf=crf, progress=on_step
+                        engine,
+                        source,
+                        shots,
+                        folder,
+                        codec=codec,
+                        crf=crf,
+                        progress=on_step,
+                        suffix=os.path.splitext(output)[1],
                     )
                     count = join_segments(
                         input, paths, output, overwrite=overwrite, allow_corrupt=allow_corrupt
