@@ -254,6 +254,45 @@ def test_three_shot_film_split_across_workers_equals_sequential(
     assert video_timing(out / "film.mp4") == video_timing(sequential)
 
 
+def _session_members(sid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                members.append(int(entry))
+    return members
+
+
+def test_batch_starts_and_ends_its_own_local_ray(clips, tiny_weights, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *LOOPBACK_ENV)}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(vsrkit.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "vsrkit", "batch", str(clips / "box_lr.mp4"), "-o", str(out)]
+    command += ["--workers", "2", "--threads", "1", "--weights", str(tiny_weights), "--quiet"]
+    run = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        stdout, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr[-2000:]
+        assert "1 upscaled" in stdout
+        assert read_all_frames(out / "box_lr.mp4").shape == (8, 480, 640, 3)
+        # The Ray it started (GCS, raylet, workers: all in its session) is gone with it.
+        deadline = time.monotonic() + 15
+        while _session_members(run.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _session_members(run.pid) == []
+    finally:
+        for pid in _session_members(run.pid):
+            os.kill(pid, signal.SIGKILL)
+        run.wait()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -208,14 +208,16 @@ def _group_shots(shots: list[tuple[int, int]], groups: int) -> list[list[tuple[i
     return out
 
 
-def _count_frames(path: Path) -> int | None:
+def _probe(path: Path, allow_corrupt: bool) -> int:
+    """The frame count of a video, read without decoding (its packets); a VsrkitError if unreadable."""
+    import warnings
+
     from .data.video import open_frames
 
-    try:
-        with open_frames(path) as source:
-            return source.num_frames
-    except VsrkitError:
-        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the worker that upscales it warns, once
+        with open_frames(path, allow_corrupt=allow_corrupt) as source:
+            return source.num_frames or 0
 
 
 # -- Ray ----------------------------------------------------------------------------------------
@@ -327,16 +329,21 @@ def batch(
             failed[str(path)] = f"{output} is also the output of {claimed[output]}; rename one of them"
             continue
         claimed[output] = path
-        frames = _count_frames(path) if path.exists() else None
-        if frames is None:
-            # Let upscale name the problem the way it does for one video.
-            frames = 0
+        try:
+            frames = _probe(path, allow_corrupt)
+        except VsrkitError as exc:
+            # Found without decoding (missing, not a video, truncated): no worker needed.
+            failed[str(path)] = str(exc)
+            continue
         if output.exists() or output.is_symlink():
             if path.exists() and output.exists() and output.samefile(path):
                 failed[str(path)] = f"output {output} is the input; choose another output folder"
                 continue
             if not overwrite:
-                have = _count_frames(output)
+                try:
+                    have = _probe(output, True)
+                except VsrkitError:
+                    have = None
                 if have is not None and (have == frames or (allow_corrupt and have > 0)):
                     skipped.append(str(output))
                 else:
