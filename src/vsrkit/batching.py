@@ -37,7 +37,7 @@ from typing import Any
 from .errors import VsrkitError
 from .scenes import DEFAULT_MIN_SHOT_FRAMES, DEFAULT_THRESHOLD, segment_name, shot_folder_beside
 
-# Ray's own default for tasks; named here because the worker-death test relies on it.
+# Ray's own default, made explicit: a task whose worker dies runs again up to this many times.
 DEFAULT_MAX_RETRIES = 3
 # Progress reports from a task at most this often (seconds): one actor call each.
 _REPORT_EVERY = 0.5
@@ -46,17 +46,13 @@ _TASKS_PER_WORKER = 2
 
 
 # -- inputs -----------------------------------------------------------------------------------
-def _natural_key(name: str) -> list[object]:
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
-
-
 def expand_inputs(items: Iterable[str | os.PathLike]) -> tuple[list[Path], dict[str, str]]:
     """Video files from files, folders (their videos, not recursive) and ``@list.txt`` files.
 
     A list holds one path a line (blank lines and ``#`` comments skipped), relative to the
     list's folder. Returns the files in order, and the entries that gave none with why.
     """
-    from .data.video import VIDEO_EXTENSIONS
+    from .data.video import VIDEO_EXTENSIONS, _natural_key
 
     files: list[Path] = []
     problems: dict[str, str] = {}
