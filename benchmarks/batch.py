@@ -119,16 +119,16 @@ def main() -> None:
             # Alternated, so that a change in the machine's load hits both alike. Ray's first run
             # also starts its workers' Python (imports torch and vsrkit); the second finds them warm.
             times = {"one": [], "ray": []}
-            for run in range(2):
-                times["one"].append(one_process(run))
-                times["ray"].append(on_ray(run))
             for run, label in enumerate(("workers cold", "workers warm")):
-                one, on = times["one"][run], times["ray"][run]
+                one, on = one_process(run), on_ray(run)
+                times["one"].append(one)
+                times["ray"].append(on)
                 print(
                     f"run {run + 1} ({label}): 1 process × 2 threads {one:.1f} s "
                     f"({frames / one:.2f} frames/s), "
                     f"Ray 2 workers × 1 thread {on:.1f} s ({frames / on:.2f} frames/s): "
-                    f"ratio {on / one:.3f} ({(on / one - 1) * 100:+.1f} %)"
+                    f"ratio {on / one:.3f} ({(on / one - 1) * 100:+.1f} %)",
+                    flush=True,
                 )
             best = min(times["ray"]) / min(times["one"])
             print(
