@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from .batching import batch
 from .errors import VsrkitError
 from .models import MODELS, build_model, model_config
 
@@ -61,4 +62,4 @@ def create_model(
     return model.eval()
 
 
-__all__ = ["MODELS", "VsrkitError", "create_model", "model_config", "__version__"]
+__all__ = ["MODELS", "VsrkitError", "batch", "create_model", "model_config", "__version__"]

@@ -24,6 +24,7 @@ from .errors import VsrkitError
 # Modules holding each subcommand's ``register(subparsers)``, in help order.
 SUBCOMMANDS = (
     "vsrkit.commands.upscale",
+    "vsrkit.commands.batch",
     "vsrkit.commands.evaluate",
     "vsrkit.commands.train",
     "vsrkit.commands.convert",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -12,6 +14,7 @@ from torch import nn
 from .checks import check_crf
 from .engine import EngineOptions, Upscaler, resolve_device
 from .errors import VsrkitError
+from .scenes import DEFAULT_MIN_SHOT_FRAMES, DEFAULT_THRESHOLD
 
 # The weights used when only an architecture is named: each family's REDS model, the most
 # general of the published ones (REDS is real footage with large motion).
@@ -53,17 +56,37 @@ def upscale(
     codec: str | None = None,
     crf: int | None = 18,
     allow_corrupt: bool = False,
-    progress: bool = True,
+    scene_cuts: bool = False,
+    scene_threshold: float = DEFAULT_THRESHOLD,
+    min_shot_frames: int = DEFAULT_MIN_SHOT_FRAMES,
+    shots: Sequence[tuple[int, int]] | None = None,
+    progress: bool | Callable[[float], None] = True,
 ) -> dict[str, Any]:
     """Upscale a video file (anything FFmpeg reads) or a folder of images by 4.
 
     ``output`` with a video extension is encoded (H.264 by default, the input's frame rate and
     timestamps, its audio and subtitle streams copied); anything else becomes a folder of PNGs.
     The output appears only when complete. Returns a summary (frames, seconds, sizes).
+
+    ``scene_cuts`` resets propagation at each scene cut (see :mod:`vsrkit.scenes`): each shot
+    is upscaled and encoded on its own, and the shots are joined without re-encoding.
+    ``shots`` (consecutive ``(start, stop)`` frame ranges; ``vsrkit batch`` gives them) upscales
+    only those frames, one shot at a time, and makes ``output`` a folder that receives each
+    shot's video-only segment (:func:`vsrkit.scenes.write_shot_segments`), to be joined later
+    by :func:`vsrkit.scenes.join_segments`. ``progress`` may be a callable, given frames done.
     """
     from .data.video import open_frames, open_writer
+    from .scenes import (
+        check_shots,
+        detect_shots,
+        is_joinable,
+        join_segments,
+        run_shots,
+        shot_folder_beside,
+        write_shot_segments,
+    )
 
-    if os.path.exists(output) and not overwrite:
+    if shots is None and os.path.exists(output) and not overwrite:
         raise VsrkitError(f"{output} exists; pass --overwrite to replace it")
     # The writer checks crf against the encoder it picks; this refuses it before the model loads.
     webm = os.fspath(output).lower().endswith(".webm")
@@ -79,22 +102,57 @@ def upscale(
         window_frames=window_frames,
         window_overlap=window_overlap,
     )
+    segments_only = shots is not None
     with open_frames(input, allow_corrupt=allow_corrupt) as source:
+        if shots is not None:
+            shots = check_shots(shots)
+        elif scene_cuts:
+            shots = detect_shots(source, scene_threshold, min_shot_frames)
         net = load_upscaling_model(model, weights)
         engine = Upscaler(net, options)
         start = time.perf_counter()
-        count = 0
-        with open_writer(output, source=source, codec=codec, crf=crf, overwrite=overwrite) as writer:
-            bar = _progress_bar(
-                engine.progress_total(source.num_frames) if source.num_frames else None, progress
-            )
-            try:
-                for frame in engine.run(source, progress=bar.update if bar else None):
-                    writer.write(frame)
-                    count += 1
-            finally:
-                if bar is not None:
-                    bar.close()
+        num_frames = shots[-1][1] - shots[0][0] if shots else source.num_frames
+        steps = engine.progress_total(num_frames) if num_frames else None
+        bar = None
+        if callable(progress):
+            report, frames_per_step = progress, (num_frames / steps if steps else 1.0)
+            on_step = lambda n: report(n * frames_per_step)  # noqa: E731
+        else:
+            bar = _progress_bar(steps, progress)
+            on_step = bar.update if bar else None
+        try:
+            if segments_only:
+                write_shot_segments(engine, source, shots, output, codec=codec, crf=crf, progress=on_step)
+                count = num_frames
+            elif shots is not None and is_joinable(output):
+                # One segment per shot, joined without re-encoding: the same files whether the
+                # shots ran here one after another or on several workers (vsrkit batch).
+                folder = shot_folder_beside(output)
+                try:
+                    paths = write_shot_segments(
+                        engine,
+                        source,
+                        shots,
+                        folder,
+                        codec=codec,
+                        crf=crf,
+                        progress=on_step,
+                        suffix=os.path.splitext(output)[1],
+                    )
+                    count = join_segments(
+                        input, paths, output, overwrite=overwrite, allow_corrupt=allow_corrupt
+                    )
+                finally:
+                    shutil.rmtree(folder, ignore_errors=True)
+            else:
+                count = 0
+                with open_writer(output, source=source, codec=codec, crf=crf, overwrite=overwrite) as writer:
+                    for frame in run_shots(engine, source, shots, progress=on_step):
+                        writer.write(frame)
+                        count += 1
+        finally:
+            if bar is not None:
+                bar.close()
     seconds = time.perf_counter() - start
     return {
         "input": str(input),
@@ -105,6 +163,7 @@ def upscale(
         "seconds": seconds,
         "device": str(engine.device),
         "precision": precision,
+        "shots": len(shots) if shots else 1,
     }
 
 

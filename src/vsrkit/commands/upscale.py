@@ -16,6 +16,14 @@ def register(subparsers) -> None:
     )
     p.add_argument("input", help="video file (anything FFmpeg reads) or folder of images (name order)")
     p.add_argument("output", help="output video (.mp4 .mkv .mov .webm .avi) or folder for PNG frames")
+    add_options(p)
+    p.set_defaults(func=run)
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    """Every option of ``upscale`` but its input and output; ``vsrkit batch`` takes them too."""
+    from ..scenes import add_arguments as add_scene_arguments
+
     p.add_argument("--model", default="basicvsr", choices=["basicvsr", "iconvsr", "basicvsr_pp"])
     p.add_argument(
         "--weights",
@@ -67,15 +75,12 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--allow-corrupt", action="store_true", help="skip undecodable packets instead of failing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    add_scene_arguments(p)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..upscale import upscale
-
-    summary = upscale(
-        args.input,
-        args.output,
+def options_from_args(args: argparse.Namespace) -> dict:
+    """The keyword arguments of :func:`vsrkit.upscale.upscale` given by ``add_options``' options."""
+    return dict(
         model=args.model,
         weights=args.weights,
         device=args.device,
@@ -90,8 +95,17 @@ def run(args: argparse.Namespace) -> int:
         codec=args.codec,
         crf=args.crf,
         allow_corrupt=args.allow_corrupt,
+        scene_cuts=args.scene_cuts,
+        scene_threshold=args.scene_threshold,
+        min_shot_frames=args.min_shot_frames,
         progress=not args.quiet,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..upscale import upscale
+
+    summary = upscale(args.input, args.output, **options_from_args(args))
     w, h = summary["output_size"]
     print(
         f"wrote {summary['output']}: {summary['frames']} frames at {w}x{h} "
