@@ -101,7 +101,7 @@ def export_onnx(
     min_frames = getattr(model, "min_frames", 1)
     if frames < min_frames:
         raise VsrkitError(f"{model.arch} needs at least {min_frames} frames, got --frames {frames}")
-    _check_destination(output, overwrite)
+    check_destination(output, overwrite)
     _remove_leftovers(output)
 
     model = model.eval().float()
@@ -243,7 +243,7 @@ def _smoke_test(path: Path, frames: int, scale: int) -> tuple[int, ...]:
     return tuple(hq.shape)
 
 
-def _check_destination(output: Path, overwrite: bool) -> None:
+def check_destination(output: Path, overwrite: bool) -> None:
     if output.is_dir():
         raise VsrkitError(f"{output} is a directory")
     if (output.exists() or output.is_symlink()) and not overwrite:

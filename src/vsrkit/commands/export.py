@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -50,11 +51,13 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import VsrkitError
-    from ..export import export_onnx, file_sha256, require_onnx
+    from ..export import check_destination, export_onnx, file_sha256, require_onnx
     from .evaluate import parse_overrides
 
     require_onnx()
     config = parse_overrides(args.overrides)
+    # Refused before the weights are fetched; export_onnx checks again before writing.
+    check_destination(Path(args.output), args.overwrite)
     if args.frames < 1:
         raise VsrkitError(f"--frames must be at least 1, got {args.frames}")
     model, weights_name, weights_path = _load(args.model, args.weights, config)
