@@ -20,6 +20,7 @@ onnx, onnxscript and onnxruntime come with ``pip install 'vsrkit[onnx]'``.
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import importlib
@@ -104,7 +105,8 @@ def export_onnx(
     check_destination(output, overwrite)
     _remove_leftovers(output)
 
-    model = model.eval().float()
+    # A float32 CPU copy: the caller's model keeps its device, dtype and mode.
+    model = copy.deepcopy(model).cpu().float().eval()
     start = time.perf_counter()
     proto = _trace(model, frames, deform_conv, opset)
     metadata = {
@@ -127,7 +129,12 @@ def export_onnx(
         import onnx
 
         onnx.save(proto, tmp)
-        onnx.checker.check_model(str(tmp), full_check=True)
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise VsrkitError(
+                f"the exported graph is not valid ONNX: {str(exc).splitlines()[0][:300]}"
+            ) from None
         check_shape = _smoke_test(tmp, frames, _scale(model))
         _put_in_place(tmp, output, overwrite)
     except OSError as exc:
