@@ -28,6 +28,7 @@ SUBCOMMANDS = (
     "vsrkit.commands.evaluate",
     "vsrkit.commands.train",
     "vsrkit.commands.convert",
+    "vsrkit.commands.export",
     "vsrkit.commands.weights",
 )
 

@@ -22,7 +22,14 @@ from torch.nn import functional as F
 from ..ops.deform_conv import deform_conv2d_from_logits
 from ..ops.warp import flow_warp
 from .basicvsr import pairwise_flows
-from .blocks import ConvResidualBlocks, add_upsample_tail, conv3x3, conv_act, run_upsample_tail
+from .blocks import (
+    ConvResidualBlocks,
+    add_upsample_tail,
+    conv3x3,
+    conv_act,
+    is_exporting,
+    run_upsample_tail,
+)
 from .iconvsr import pad_to_multiple
 from .spynet import SpyNet
 
@@ -192,7 +199,9 @@ class BasicVSRPlusPlus(nn.Module):
         feats: dict[str, list[torch.Tensor]] = {"spatial": [spatial[:, i] for i in range(t)]}
 
         flows_backward = pairwise_flows(self.spynet, lqs_flow, "backward")
-        if self.is_mirror_extended(lqs):
+        # An exported graph cannot branch on the pixels; it computes the forward flows, the same
+        # values (see below).
+        if not is_exporting() and self.is_mirror_extended(lqs):
             # Exact, not an approximation: on a mirrored clip the forward flows are the
             # backward flows read in reverse.
             flows_forward = flows_backward.flip(1)

@@ -9,6 +9,12 @@ from torch.nn import functional as F
 from ..ops import nnpack
 
 
+def is_exporting() -> bool:
+    """True while torch.export traces the model (symbolic sizes, no branching on pixels)."""
+    check = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6
+    return bool(check and check())
+
+
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=True)
 

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from ..ops.warp import flow_warp
 from .basicvsr import pairwise_flows, split_segments
-from .blocks import ConvResidualBlocks, add_upsample_tail, conv3x3, run_upsample_tail
+from .blocks import ConvResidualBlocks, add_upsample_tail, conv3x3, is_exporting, run_upsample_tail
 from .edvr import EDVRFeatureExtractor
 from .spynet import SpyNet
 
@@ -47,6 +47,9 @@ def pad_to_multiple(lqs: torch.Tensor, multiple: int, min_size: int = 0) -> torc
     """
     n, t, c, h, w = lqs.shape
     flat = lqs.reshape(n * t, c, h, w)
+    if is_exporting():
+        padded = _pad_to_multiple_any_size(flat, multiple, min_size)
+        return padded.view(n, t, c, *padded.shape[-2:])
     if h < min_size or w < min_size:
         flat = F.pad(flat, [0, max(0, min_size - w), 0, max(0, min_size - h)], mode="replicate")
         h, w = flat.shape[-2:]
@@ -55,6 +58,28 @@ def pad_to_multiple(lqs: torch.Tensor, multiple: int, min_size: int = 0) -> torc
         mode = "reflect" if pad_h < h and pad_w < w else "replicate"
         flat = F.pad(flat, [0, pad_w, 0, pad_h], mode=mode)
     return flat.view(n, t, c, *flat.shape[-2:])
+
+
+def _pad_to_multiple_any_size(flat: torch.Tensor, multiple: int, min_size: int) -> torch.Tensor:
+    """:func:`pad_to_multiple` for a traced graph that must serve every frame size.
+
+    Both pads are always applied, by amounts computed from the symbolic size (0 where none is
+    needed), instead of the eager version's branches on the size. Same result for sides of at
+    least ``multiple`` pixels, where the eager version reflects too.
+    """
+    h, w = flat.shape[-2:]
+    if min_size:
+        flat = F.pad(
+            flat, [0, torch.sym_max(0, min_size - w), 0, torch.sym_max(0, min_size - h)], mode="replicate"
+        )
+    if multiple > 1:
+        h, w = flat.shape[-2:]
+        flat = F.pad(
+            flat,
+            [0, (multiple - w % multiple) % multiple, 0, (multiple - h % multiple) % multiple],
+            mode="reflect",
+        )
+    return flat
 
 
 class IconVSR(nn.Module):

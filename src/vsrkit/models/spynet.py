@@ -74,5 +74,5 @@ class SpyNet(nn.Module):
         ref = F.interpolate(ref, size=(h_up, w_up), mode="bilinear", align_corners=False)
         supp = F.interpolate(supp, size=(h_up, w_up), mode="bilinear", align_corners=False)
         flow = F.interpolate(self.compute_flow(ref, supp), size=(h, w), mode="bilinear", align_corners=False)
-        scale = flow.new_tensor([w / w_up, h / h_up]).view(1, 2, 1, 1)
-        return flow * scale
+        # Python scalars, not a tensor made of them: an exported graph keeps them symbolic.
+        return torch.cat([flow[:, :1] * (w / w_up), flow[:, 1:] * (h / h_up)], dim=1)

@@ -41,6 +41,8 @@ torchvision's own float32 result differs from a float64 one (see the tests).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -49,7 +51,7 @@ from torch import Tensor
 
 from . import native
 
-__all__ = ["deform_conv2d", "deform_conv2d_from_logits"]
+__all__ = ["EXPORT_FORMS", "deform_conv2d", "deform_conv2d_from_logits", "exporting_as"]
 
 # Target size of one chunk of the im2col matrix, in bytes of the sampling dtype. Chunks keep the
 # peak memory independent of the frame size (a few MiB over the output at any size) and keep
@@ -107,6 +109,10 @@ def deform_conv2d(
     stride_hw = _pair(stride, "stride")
     padding_hw = _pair(padding, "padding")
     dilation_hw = _pair(dilation, "dilation")
+    if _export_form is not None:
+        return _deform_conv2d_for_export(
+            input, offset, weight, bias, stride_hw, padding_hw, dilation_hw, mask
+        )
     if input.device.type != "cpu":
         # torchvision's CUDA kernel is fast; only the CPU needs the replacement.
         from torchvision.ops import deform_conv2d as tv_deform_conv2d
@@ -416,7 +422,7 @@ def deform_conv2d_from_logits(
         raise ValueError(f"logits must be (N, 3*G*kh*kw, Ho, Wo), got {tuple(logits.shape)}")
     offset, mask = torch.split(logits, [logits.shape[1] // 3 * 2, logits.shape[1] // 3], dim=1)
     transform = _Logits(offset_scale, tuple(flows))
-    if input.device.type == "cpu":
+    if input.device.type == "cpu" and _export_form is None:
         # Through the CPU dispatch: the native kernel fuses the transform into its sampling.
         pad = _pair(padding, "padding")
         return _deform_conv2d_cpu(input, offset, weight, bias, (1, 1), pad, (1, 1), mask, transform)
@@ -543,3 +549,144 @@ def _forward_native(
                 else:
                     torch.addmm(b, chunk, wmat, out=dst_rows)
     return out
+
+
+# Export -----------------------------------------------------------------------------------
+#
+# Exporters trace the model with symbolic frame sizes, which neither the native kernel (a C
+# call) nor the chunked PyTorch path (a Python loop over rows) can go through. Inside
+# `exporting_as(form)`, deform_conv2d becomes one of two traceable forms:
+#
+# * "DeformConv": an opaque op, `vsrkit::deform_conv2d`, that vsrkit.export translates to ONNX's
+#   DeformConv (opset 19), whose offset and mask layouts are torchvision's;
+# * "decomposed": grid_sample over the whole frame and one matrix product, for runtimes that
+#   lack DeformConv (OpenVINO 2026.4 refuses it).
+
+EXPORT_FORMS = ("DeformConv", "decomposed")
+_export_form: str | None = None
+
+
+@contextmanager
+def exporting_as(form: str) -> Iterator[None]:
+    """Within this block, :func:`deform_conv2d` traces as ``form`` (one of :data:`EXPORT_FORMS`)."""
+    global _export_form
+    if form not in EXPORT_FORMS:
+        raise ValueError(f"form must be one of {', '.join(EXPORT_FORMS)}, got {form!r}")
+    previous, _export_form = _export_form, form
+    try:
+        yield
+    finally:
+        _export_form = previous
+
+
+def _deform_conv2d_for_export(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    mask: Tensor | None,
+) -> Tensor:
+    if _export_form == "decomposed":
+        return _deform_conv2d_decomposed(input, offset, weight, bias, stride, padding, dilation, mask)
+    kh, kw = weight.shape[-2:]
+    return export_op()(
+        input,
+        weight,
+        offset,
+        bias,
+        mask,
+        list(stride),
+        list(padding),
+        list(dilation),
+        input.shape[1] // weight.shape[1],
+        offset.shape[1] // (2 * kh * kw),
+    )
+
+
+def _deform_conv2d_decomposed(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    mask: Tensor | None,
+) -> Tensor:
+    """The whole im2col matrix from one grid_sample, then one matrix product: sizes stay symbolic.
+
+    Coordinates are normalised for ``align_corners=False``, where pixel ``p`` of a side ``S`` is
+    ``(2p + 1) / S - 1``: that is defined for every size, 1 included, and grid_sample's
+    zero padding then reads exactly torchvision's bilinear-with-zeros rule.
+    """
+    n, cin, h, w = input.shape
+    cout, cin_per_wgroup, kh, kw = weight.shape
+    k = kh * kw
+    groups = offset.shape[1] // (2 * k)
+    wgroups = cin // cin_per_wgroup
+    ho, wo = offset.shape[-2:]
+    x = input.float().reshape(n * groups, cin // groups, h, w)
+    off = offset.float().reshape(n, groups, k, 2, ho, wo)
+    ky, kx = torch.meshgrid(torch.arange(kh), torch.arange(kw), indexing="ij")
+    # Undeformed sampling positions in pixels: (k, Ho, 1) rows and (k, 1, Wo) columns.
+    rows = ky.reshape(k, 1, 1).float() * dilation[0] + (
+        torch.arange(ho).float() * stride[0] - padding[0]
+    ).view(1, -1, 1)
+    cols = kx.reshape(k, 1, 1).float() * dilation[1] + (
+        torch.arange(wo).float() * stride[1] - padding[1]
+    ).view(1, 1, -1)
+    gy = (2 * (rows + off[:, :, :, 0]) + 1) / h - 1
+    gx = (2 * (cols + off[:, :, :, 1]) + 1) / w - 1
+    grid = torch.stack((gx, gy), dim=-1).reshape(n * groups, k * ho, wo, 2)
+    sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    sampled = sampled.reshape(n, groups, cin // groups, k, ho * wo)
+    if mask is not None:
+        sampled = sampled * mask.float().reshape(n, groups, 1, k, ho * wo)
+    # Columns ordered (input channel, kernel position), the flattening of the weight's last dims.
+    sampled = sampled.reshape(n, wgroups, cin_per_wgroup * k, ho * wo)
+    out = torch.matmul(weight.float().reshape(wgroups, cout // wgroups, cin_per_wgroup * k), sampled)
+    out = out.reshape(n, cout, ho, wo)
+    if bias is not None:
+        out = out + bias.float().view(1, -1, 1, 1)
+    return out
+
+
+_DEFORM_CONV_OP = None
+
+
+def export_op():
+    """``torch.ops.vsrkit.deform_conv2d``, defined on first use (torch >= 2.4's custom_op).
+
+    Its real kernel is :func:`deform_conv2d`; its fake kernel gives the output shape, which is
+    all an exporter traces through. Arguments follow ONNX DeformConv's inputs and attributes.
+    """
+    global _DEFORM_CONV_OP
+    if _DEFORM_CONV_OP is not None:
+        return _DEFORM_CONV_OP
+
+    @torch.library.custom_op("vsrkit::deform_conv2d", mutates_args=())
+    def deform_conv2d_op(
+        input: Tensor,
+        weight: Tensor,
+        offset: Tensor,
+        bias: Tensor | None,
+        mask: Tensor | None,
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        groups: int,
+        offset_groups: int,
+    ) -> Tensor:
+        return _deform_conv2d_cpu(
+            input, offset, weight, bias, tuple(stride), tuple(padding), tuple(dilation), mask
+        ).contiguous()
+
+    @deform_conv2d_op.register_fake
+    def _(input, weight, offset, bias, mask, stride, padding, dilation, groups, offset_groups):
+        return input.new_empty((input.shape[0], weight.shape[0], *offset.shape[-2:]))
+
+    _DEFORM_CONV_OP = deform_conv2d_op
+    return _DEFORM_CONV_OP
