@@ -6,9 +6,9 @@ BasicVSR, 105 MB for BasicVSR++) and fail past a few hundred frames. Here:
 
 **BasicVSR and IconVSR: exact streaming.** The input is spooled once to a temporary file of
 raw LR frames (uint8, 173 kB per 180×320 frame; uint16 for deeper input). Pass 1 runs
-the backward branch over the
-whole clip from the last frame, saving the backward state at every ``segment_frames``-th
-frame, plus the backward flows and the IconVSR keyframe features, to the temporary folder.
+the backward branch over the whole clip from the last frame, saving the backward state at
+every ``segment_frames``-th frame, plus the backward flows and the IconVSR keyframe features,
+to the temporary folder.
 Pass 2 walks the segments in order: it reads or recomputes the segment's backward states,
 runs the forward branch and emits finished HR frames. The first segment's states are still
 in memory at the end of pass 1. Of the later segments, as many as fit in ``state_disk_mb``
