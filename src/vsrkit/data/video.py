@@ -60,12 +60,15 @@ aspect ratio, and more than 8 bits per channel (frames are converted to 8-bit RG
 from __future__ import annotations
 
 import array
+import math
 import os
 import re
 import shutil
+import struct
 import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -73,6 +76,8 @@ from types import TracebackType
 import av
 import av.error
 import numpy as np
+from av.sidedata.sidedata import Type as SideDataType
+from av.video.reformatter import ColorRange, Colorspace
 
 from vsrkit.errors import VsrkitError
 
@@ -81,6 +86,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "VIDEO_EXTENSIONS",
     "FrameSource",
+    "VideoColour",
     "VideoIOWarning",
     "VideoWriter",
     "open_frames",
@@ -128,20 +134,174 @@ def _to_fraction(value: object, what: str) -> Fraction:
     return fraction
 
 
+# ------------------------------------------------------------------------------------------ colour
+
+# FFmpeg's codes (libavutil/pixfmt.h) for the tags a stream carries.
+_SPC_RGB, _SPC_BT709, _SPC_SMPTE170M, _SPC_BT2020_NCL = 0, 1, 6, 9
+_PRI_BT709, _PRI_BT470BG, _PRI_SMPTE170M, _PRI_BT2020 = 1, 5, 6, 9
+_TRC_BT709 = 1
+_RANGE_MPEG, _RANGE_JPEG = 1, 2
+_UNKNOWN = (0, 2, 3)  # reserved, unspecified, reserved: for primaries and transfer alike
+# swscale's YUV↔RGB matrix for each matrix tag it can convert.
+_SWS_MATRIX = {
+    _SPC_BT709: Colorspace.ITU709,
+    4: Colorspace.FCC,
+    5: Colorspace.ITU601,  # BT.470BG (625-line BT.601)
+    _SPC_SMPTE170M: Colorspace.ITU601,
+    7: Colorspace.SMPTE240M,
+    _SPC_BT2020_NCL: Colorspace.BT2020,
+    10: Colorspace.BT2020,
+}
+
+
+@dataclass(frozen=True)
+class VideoColour:
+    """How a video's samples map to colours: FFmpeg's codes for the tags, filled in where the input has none.
+
+    Untagged input is read as players read it: the BT.601 matrix below 720 lines, BT.709 from 720 up,
+    limited range (full for ``yuvj`` formats), BT.709 transfer, and the primaries that go with the matrix
+    (EBU for 576 lines, SMPTE 170M for other SD sizes). The output is tagged with all four, so that no
+    player has to guess. ``tagged`` says whether the input gave its matrix.
+
+    ``mastering_display`` (in x265's ``master-display`` syntax) and ``content_light`` (MaxCLL, MaxFALL)
+    are the HDR metadata of the input's first frame, or None.
+    """
+
+    matrix: int
+    primaries: int
+    transfer: int
+    full_range: bool
+    tagged: bool
+    mastering_display: str | None = None
+    content_light: tuple[int, int] | None = None
+
+    @staticmethod
+    def resolve(
+        matrix: int, primaries: int, transfer: int, colour_range: int, height: int, pix_fmt: str = ""
+    ) -> VideoColour:
+        tagged = matrix in _SWS_MATRIX
+        if not tagged:
+            matrix = _SPC_SMPTE170M if height < 720 else _SPC_BT709
+        if primaries in _UNKNOWN:
+            if matrix == _SPC_BT709:
+                primaries = _PRI_BT709
+            elif matrix in (_SPC_BT2020_NCL, 10):
+                primaries = _PRI_BT2020
+            else:
+                primaries = _PRI_BT470BG if height == 576 else _PRI_SMPTE170M
+        if transfer in _UNKNOWN:
+            transfer = _TRC_BT709
+        if colour_range in (_RANGE_MPEG, _RANGE_JPEG):
+            full = colour_range == _RANGE_JPEG
+        else:
+            full = pix_fmt.startswith("yuvj")
+        return VideoColour(matrix, primaries, transfer, full, tagged)
+
+    @property
+    def sws_matrix(self) -> Colorspace:
+        return _SWS_MATRIX.get(self.matrix, Colorspace.ITU709)
+
+    @property
+    def sws_range(self) -> ColorRange:
+        return ColorRange.JPEG if self.full_range else ColorRange.MPEG
+
+
+def _mastering_display(data: bytes) -> str | None:
+    """AVMasteringDisplayMetadata (R, G, B, white point, min and max luminance) → x265's syntax."""
+    if len(data) < 88:
+        return None
+    v = struct.unpack("<22i", data[:88])
+    if not (v[20] and v[21]) or any(d == 0 for d in v[1:20:2]):
+        return None
+
+    def chroma(i: int) -> str:  # x and y of a point, in units of 0.00002
+        return f"{round(v[i] / v[i + 1] * 50000)},{round(v[i + 2] / v[i + 3] * 50000)}"
+
+    max_lum, min_lum = round(v[18] / v[19] * 10000), round(v[16] / v[17] * 10000)
+    return f"G({chroma(4)})B({chroma(8)})R({chroma(0)})WP({chroma(12)})L({max_lum},{min_lum})"
+
+
+# ------------------------------------------------------------------------------------------ orientation
+
+# numpy versions of FFmpeg's transpose/flip filters, which its autorotation inserts.
+_ORIENT_OPS = {
+    "clock": lambda a: np.rot90(a, -1),
+    "cclock": lambda a: np.rot90(a, 1),
+    "cclock_flip": lambda a: a.transpose(1, 0, 2),
+    "clock_flip": lambda a: np.rot90(a, -1)[::-1],
+    "hflip": lambda a: a[:, ::-1],
+    "vflip": lambda a: a[::-1],
+}
+
+
+def _display_ops(matrix: tuple[int, ...]) -> tuple[list[str], float]:
+    """The filters that show a frame as its display matrix says (as FFmpeg's autorotation picks them).
+
+    Returns the operations and the counter-clockwise angle; None for the operations when the angle is
+    not a multiple of 90°.
+    """
+    s0, s1 = math.hypot(matrix[0], matrix[3]), math.hypot(matrix[1], matrix[4])
+    if s0 == 0 or s1 == 0:
+        return [], 0.0
+    angle = -math.degrees(math.atan2(matrix[1] / s1, matrix[0] / s0))  # av_display_rotation_get
+    theta = -round(angle)  # clockwise
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+    if abs(theta - 90) < 1:
+        ops = ["cclock_flip"] if matrix[3] > 0 else ["clock"]
+    elif abs(theta - 180) < 1:
+        ops = (["hflip"] if matrix[0] < 0 else []) + (["vflip"] if matrix[4] < 0 else [])
+    elif abs(theta - 270) < 1:
+        ops = ["clock_flip"] if matrix[3] < 0 else ["cclock"]
+    elif abs(theta) < 1 or abs(theta - 360) < 1:
+        ops = ["vflip"] if matrix[4] < 0 else []
+    else:
+        return None, angle  # type: ignore[return-value]
+    return ops, angle
+
+
+def _png_header(path: Path) -> tuple[int, int] | None:
+    """(bit depth, colour type) of a PNG file, None for other files."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return None
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
+
+
+def _read_png16(path: Path) -> np.ndarray:
+    """A 16-bit PNG (gray or colour) as uint16 RGB; PIL would cut colour ones to 8 bits."""
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0))
+        return frame.to_ndarray(format="rgb48le")
+
+
 # ------------------------------------------------------------------------------------------ reading
 
 
 class FrameSource:
     """Frames of a video file or an image folder, decoded one at a time.
 
-    Iterate it (possibly several times: each pass starts from the first frame) to get ``uint8`` arrays of
-    shape ``(height, width, 3)`` in RGB order. Use it as a context manager, or call :meth:`close`, to stop
-    unfinished passes.
+    Iterate it (possibly several times: each pass starts from the first frame) to get arrays of shape
+    ``(height, width, 3)`` in RGB order, of :attr:`dtype`: ``uint8``, or with ``native_depth=True`` and an
+    input deeper than 8 bits, ``uint16`` with full scale 65535. Use it as a context manager, or call
+    :meth:`close`, to stop unfinished passes.
+
+    Video frames are converted to RGB with the input's matrix and range (:attr:`colour`), and turned upright
+    as the stream's display matrix says (:attr:`rotation`), so they look as a player shows them.
 
     Attributes:
         path: the input path.
         is_video: True for a video file, False for an image folder.
-        width, height: frame size in pixels.
+        width, height: frame size in pixels, as displayed (after rotation).
+        bit_depth: bits per channel of the input (8, 10, 12, 16).
+        dtype: ``np.uint8`` or ``np.uint16``, the frames' array type.
+        is_gray: the folder's first image is grayscale (always False for videos).
+        colour: the video's :class:`VideoColour`; None for image folders (sRGB).
+        rotation: counter-clockwise degrees by which the stored frames are turned for display (0 if none).
+        stream: which video stream is read (0 for the first), None for folders.
         fps: frame rate as a :class:`~fractions.Fraction` (the stream's guessed rate); None for image folders.
         num_frames: number of frames: the number of video packets for videos (exact for intact files unless
             the codec drops some), the number of images for folders.
@@ -162,16 +322,37 @@ class FrameSource:
     timestamps: np.ndarray | None
     image_paths: list[Path] | None
     allow_corrupt: bool
+    bit_depth: int
+    dtype: type
+    is_gray: bool
+    colour: VideoColour | None
+    rotation: float
+    stream: int | None
 
-    def __init__(self, path: str | os.PathLike[str], *, allow_corrupt: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        allow_corrupt: bool = False,
+        stream: int | None = None,
+        native_depth: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.allow_corrupt = allow_corrupt
+        self.stream = stream
+        self.native_depth = native_depth
+        self.bit_depth = 8
+        self.is_gray = False
+        self.colour = None
+        self.rotation = 0.0
+        self._orient_ops: list[str] = []
         self.fps = None
         self.num_frames = None
         self.time_base = None
         self.timestamps = None
         self.image_paths = None
         self._stream_index = 0
+        self._stored_size = (0, 0)  # (width, height) of the decoded frames before rotation
         self._passes: list[Iterator[tuple[np.ndarray, int | None]]] = []
         if not self.path.exists():
             raise VsrkitError(f"input not found: {self.path}")
@@ -181,6 +362,7 @@ class FrameSource:
         else:
             self.is_video = True
             self._probe_video()
+        self.dtype = np.uint16 if native_depth and self.bit_depth > 8 else np.uint8
 
     # -- probing
 
@@ -202,10 +384,14 @@ class FrameSource:
             raise VsrkitError(f"no images ({exts}) in folder {self.path}")
         self.image_paths = [self.path / name for name in sorted(names, key=_natural_key)]
         size = None
-        for image_path in self.image_paths:
+        for number, image_path in enumerate(self.image_paths):
             try:
                 with Image.open(image_path) as image:
                     this = image.size
+                    if number == 0:
+                        self.is_gray = image.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L")
+                        header = _png_header(image_path)
+                        self.bit_depth = 16 if header is not None and header[0] == 16 else 8
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 raise VsrkitError(f"cannot read image {image_path}: {_av_reason(exc)}") from exc
             if size is None:
@@ -234,18 +420,97 @@ class FrameSource:
                 if not container.streams:
                     raise VsrkitError(f"no streams in {self.path} (not a video, or truncated)")
                 raise VsrkitError(f"no video stream in {self.path}")
-            stream = container.streams.video[0]
+            stream = self._choose_stream(list(container.streams.video))
             self._stream_index = stream.index
             codec = stream.codec_context
             self.width, self.height = int(codec.width), int(codec.height)
             if self.width <= 0 or self.height <= 0:
                 raise VsrkitError(f"video stream of {self.path} has no frame size (unsupported or damaged)")
+            self._stored_size = (self.width, self.height)
             rate = stream.guessed_rate or stream.average_rate or stream.base_rate
             self.fps = Fraction(rate) if rate else None
             self.time_base = Fraction(stream.time_base) if stream.time_base else None
             self._scan_packets(container, stream)
         finally:
             container.close()
+        self._probe_first_frame()
+
+    def _choose_stream(self, videos: list[av.VideoStream]) -> av.VideoStream:
+        """The video stream asked for (by its rank among the video streams), else the first picture one."""
+        count = len(videos)
+        if self.stream is not None:
+            if not 0 <= self.stream < count:
+                have = "1 video stream (0)" if count == 1 else f"{count} video streams (0 to {count - 1})"
+                raise VsrkitError(f"no video stream {self.stream} in {self.path}: it has {have}")
+            chosen = self.stream
+        else:
+            # Cover art is stored as a one-picture video stream; it is not the video.
+            pictures = [
+                n for n, v in enumerate(videos) if not v.disposition & av.stream.Disposition.attached_pic
+            ]
+            chosen = pictures[0] if pictures else 0
+        self.stream = chosen
+        if count > 1:
+            described = ", ".join(
+                f"{n}: {v.codec_context.name} {v.codec_context.width}x{v.codec_context.height}"
+                for n, v in enumerate(videos)
+            )
+            _warn(
+                f"{self.path} has {count} video streams ({described}); upscaling stream {chosen} "
+                "(choose another with --stream N)"
+            )
+        return videos[chosen]
+
+    def _probe_first_frame(self) -> None:
+        """Colour tags, depth, HDR metadata and display matrix, from the stream and its first frame."""
+        container = self._open_container()
+        try:
+            stream = container.streams[self._stream_index]
+            codec = stream.codec_context
+            pix_fmt = codec.format.name if codec.format is not None else ""
+            tags = (codec.colorspace, codec.color_primaries, codec.color_trc, codec.color_range)
+            frame = None
+            try:
+                for packet in container.demux(stream):
+                    frames = packet.decode()
+                    if frames:
+                        frame = frames[0]
+                        break
+            except av.error.FFmpegError:
+                pass  # damage is reported when the frames are read
+        finally:
+            container.close()
+        mastering = light = None
+        if frame is not None:
+            pix_fmt = frame.format.name
+            # A frame's own tags win: some containers carry none and leave them to the bitstream.
+            own = (frame.colorspace, frame.color_primaries, frame.color_trc, frame.color_range)
+            unspecified = (2, 2, 2, 0)
+            tags = tuple(o if o != u else t for o, u, t in zip(own, unspecified, tags, strict=True))
+            for side in frame.side_data:
+                if side.type == SideDataType.MASTERING_DISPLAY_METADATA:
+                    mastering = _mastering_display(bytes(side))
+                elif side.type == SideDataType.CONTENT_LIGHT_LEVEL and len(bytes(side)) >= 8:
+                    light = struct.unpack("<2I", bytes(side)[:8])
+                elif side.type == SideDataType.DISPLAYMATRIX and len(bytes(side)) >= 36:
+                    self._set_orientation(struct.unpack("<9i", bytes(side)[:36]))
+        colour = VideoColour.resolve(*tags, height=self._stored_size[1], pix_fmt=pix_fmt)
+        self.colour = replace(colour, mastering_display=mastering, content_light=light)
+        if pix_fmt:
+            try:
+                self.bit_depth = max(c.bits for c in av.VideoFormat(pix_fmt).components)
+            except (ValueError, av.error.FFmpegError):
+                pass
+
+    def _set_orientation(self, matrix: tuple[int, ...]) -> None:
+        ops, angle = _display_ops(matrix)
+        if ops is None:
+            _warn(f"{self.path}: the video is to be shown rotated by {angle:.0f}°; frames are used as stored")
+            return
+        self._orient_ops = ops
+        self.rotation = angle
+        if any("clock" in op for op in ops):
+            self.width, self.height = self._stored_size[1], self._stored_size[0]
 
     def _scan_packets(self, container: av.container.InputContainer, stream: av.VideoStream) -> None:
         """Demux (no decoding) the video packets: count them, collect timestamps, look for truncation."""
@@ -340,9 +605,17 @@ class FrameSource:
         assert self.image_paths is not None
         for image_path in self.image_paths:
             try:
-                with Image.open(image_path) as image:
-                    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                header = _png_header(image_path)
+                if header is not None and header[0] == 16:
+                    array = _read_png16(image_path)
+                    if self.dtype == np.uint8:
+                        array = ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
+                else:
+                    with Image.open(image_path) as image:
+                        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+                    if self.dtype == np.uint16:
+                        array = array.astype(np.uint16) * 257
+            except (OSError, ValueError, Image.DecompressionBombError, av.error.FFmpegError) as exc:
                 raise VsrkitError(f"cannot read image {image_path}: {_av_reason(exc)}") from exc
             if array.shape != (self.height, self.width, 3):
                 raise VsrkitError(f"image {image_path} changed size while reading")
@@ -354,6 +627,9 @@ class FrameSource:
         skipped_packets = 0
         concealed = 0
         size_warned = False
+        rgb_format = "rgb48le" if self.dtype == np.uint16 else "rgb24"
+        colour = self.colour
+        assert colour is not None
         try:
             stream = container.streams[self._stream_index]
             stream.thread_type = "AUTO"
@@ -388,13 +664,25 @@ class FrameSource:
                         if not self.allow_corrupt:
                             raise VsrkitError(f"{self.path} is corrupt: frame {produced} is damaged")
                         concealed += 1
-                    if (frame.width, frame.height) != (self.width, self.height) and not size_warned:
+                    width, height = self._stored_size
+                    if (frame.width, frame.height) != (width, height) and not size_warned:
                         size_warned = True
                         _warn(
                             f"{self.path}: frame size changes to {frame.width}x{frame.height} at frame "
-                            f"{produced}; scaling to {self.width}x{self.height}"
+                            f"{produced}; scaling to {width}x{height}"
                         )
-                    array = frame.to_ndarray(format="rgb24", width=self.width, height=self.height)
+                    array = frame.to_ndarray(
+                        format=rgb_format,
+                        width=width,
+                        height=height,
+                        src_colorspace=colour.sws_matrix,
+                        src_color_range=colour.sws_range,
+                        dst_color_range=ColorRange.JPEG,
+                    )
+                    for op in self._orient_ops:
+                        array = _ORIENT_OPS[op](array)
+                    if self._orient_ops:
+                        array = np.ascontiguousarray(array)
                     yield array, self.pts_of(produced)
                     produced += 1
         finally:
@@ -431,14 +719,24 @@ class FrameSource:
         )
 
 
-def open_frames(path: str | os.PathLike[str], *, allow_corrupt: bool = False) -> FrameSource:
+def open_frames(
+    path: str | os.PathLike[str],
+    *,
+    allow_corrupt: bool = False,
+    stream: int | None = None,
+    native_depth: bool = False,
+) -> FrameSource:
     """Open a video file or an image folder for streaming reading (see :class:`FrameSource`).
+
+    ``stream`` picks a video stream by its rank among the file's video streams (default: the first that is
+    not cover art; a warning names it when there are several). ``native_depth`` gives ``uint16`` frames for
+    inputs deeper than 8 bits instead of rounding them to ``uint8``.
 
     Raises :class:`~vsrkit.errors.VsrkitError` for a missing path, a file FFmpeg cannot read, a file without
     video stream or without frames, an empty folder, images of different sizes, and (unless
     ``allow_corrupt``) a truncated or corrupt file. Errors found while decoding are raised from the iteration.
     """
-    return FrameSource(path, allow_corrupt=allow_corrupt)
+    return FrameSource(path, allow_corrupt=allow_corrupt, stream=stream, native_depth=native_depth)
 
 
 def read_all_frames(path: str | os.PathLike[str], max_frames: int | None = None) -> np.ndarray:
