@@ -786,13 +786,12 @@ class VideoWriter:
         fps: float | Fraction | None = None,
         codec: str | None = None,
         crf: int | None = 18,
-        pix_fmt: str = "yuv420p",
+        pix_fmt: str | None = None,
         overwrite: bool = False,
     ) -> None:
         self.path = Path(path)
         self.source = source
         self.crf = crf
-        self.pix_fmt = pix_fmt
         self.overwrite = overwrite
         self.frames_written = 0
         self._finished = False
@@ -831,8 +830,11 @@ class VideoWriter:
 
         if self.is_video:
             self.codec = self._choose_codec(codec)
+            self.pix_fmt = self._video_pix_fmt(pix_fmt)
         else:
             self.codec = None
+            self.pix_fmt = self._png_pix_fmt(pix_fmt)
+        self.colour = self._output_colour()
 
         self._check_destination()
         self._make_temp()
@@ -863,6 +865,54 @@ class VideoWriter:
         if canonical not in supported and codec not in supported:
             raise VsrkitError(f"the {self.path.suffix} container cannot hold {codec} video: {self.path}")
         return codec
+
+    def _deep_source(self) -> bool:
+        return self.source is not None and self.source.dtype == np.uint16
+
+    def _video_pix_fmt(self, pix_fmt: str | None) -> str:
+        assert self.codec is not None
+        formats = [f.name for f in (av.Codec(self.codec, "w").video_formats or ())]
+        if pix_fmt is not None:
+            if formats and pix_fmt not in formats:
+                raise VsrkitError(
+                    f"{self.codec} cannot encode pixel format {pix_fmt!r} (it can: {', '.join(formats)})"
+                )
+            return pix_fmt
+        bits = self.source.bit_depth if self._deep_source() else 8  # type: ignore[union-attr]
+        chosen, chosen_bits = "yuv420p", 8
+        for depth in (10, 12):
+            name = f"yuv420p{depth}le"
+            if depth <= bits and name in formats:
+                chosen, chosen_bits = name, depth
+        if chosen_bits < bits and self.source is not None and self.source.is_video:
+            _warn(
+                f"{self.path}: {self.codec} cannot encode {bits}-bit video; writing {chosen_bits}-bit "
+                "(libx265 can encode 10 and 12 bits: --codec libx265)"
+            )
+        return chosen
+
+    def _png_pix_fmt(self, pix_fmt: str | None) -> str:
+        if pix_fmt is None:
+            gray = self.source is not None and self.source.is_gray
+            deep = self._deep_source()
+            return ("gray16be" if deep else "gray") if gray else ("rgb48be" if deep else "rgb24")
+        name = _PNG_FORMATS.get(pix_fmt)
+        if name is None:
+            raise VsrkitError(
+                f"PNG frames can be written as rgb24, rgb48, gray or gray16, not {pix_fmt!r} "
+                f"(output {self.path})"
+            )
+        return name
+
+    def _output_colour(self) -> VideoColour:
+        """The tags to write: the input video's (filled in as players guess), else BT.709 for images."""
+        if self.source is not None and self.source.colour is not None:
+            colour = self.source.colour
+        else:
+            colour = VideoColour(_SPC_BT709, _PRI_BT709, _TRC_BT709, False, False)
+        if self.is_video and av.VideoFormat(self.pix_fmt).is_rgb:
+            colour = replace(colour, matrix=_SPC_RGB, full_range=True)
+        return colour
 
     def _check_destination(self) -> None:
         path = self.path
@@ -909,17 +959,17 @@ class VideoWriter:
     # -- writing
 
     def write(self, frame: np.ndarray) -> None:
-        """Append one ``uint8`` RGB frame of shape ``(H, W, 3)``."""
+        """Append one RGB frame of shape ``(H, W, 3)``: ``uint8``, or ``uint16`` with full scale 65535."""
         if self._finished:
             raise RuntimeError("write() on a closed VideoWriter")
         if (
             not isinstance(frame, np.ndarray)
-            or frame.dtype != np.uint8
+            or frame.dtype not in (np.uint8, np.uint16)
             or frame.ndim != 3
             or frame.shape[2] != 3
         ):
             raise ValueError(
-                f"frames must be uint8 arrays of shape (H, W, 3); got "
+                f"frames must be uint8 or uint16 arrays of shape (H, W, 3); got "
                 f"{getattr(frame, 'dtype', type(frame))} {getattr(frame, 'shape', '')}"
             )
         if self._size is None:
@@ -941,9 +991,20 @@ class VideoWriter:
         from PIL import Image
 
         assert self._tmp is not None
-        Image.fromarray(frame, mode="RGB").save(
-            self._tmp / f"{self.frames_written:08d}.png", compress_level=4
-        )
+        target = self._tmp / f"{self.frames_written:08d}.png"
+        deep = self.pix_fmt in ("rgb48be", "gray16be")
+        if deep and frame.dtype == np.uint8:
+            frame = frame.astype(np.uint16) * 257
+        elif not deep and frame.dtype == np.uint16:
+            frame = ((frame.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        if self.pix_fmt.startswith("gray"):
+            # The luma weights PIL's convert("L") uses; a gray input's channels are equal anyway.
+            luma = np.rint(frame.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
+            frame = np.clip(luma, 0, np.iinfo(frame.dtype).max).astype(frame.dtype)
+        if deep:
+            _write_png16(frame, target)
+        else:
+            Image.fromarray(frame, mode="L" if frame.ndim == 2 else "RGB").save(target, compress_level=4)
 
     def _start_video(self, height: int, width: int) -> None:
         assert self._tmp is not None and self.codec is not None
@@ -971,6 +1032,16 @@ class VideoWriter:
             options["crf"] = str(self.crf)
             if self.codec in ("libvpx-vp9", "libvpx"):
                 options["b"] = "0"
+        colour = self.colour
+        stream.codec_context.colorspace = colour.matrix
+        stream.codec_context.color_primaries = colour.primaries
+        stream.codec_context.color_trc = colour.transfer
+        stream.codec_context.color_range = _RANGE_JPEG if colour.full_range else _RANGE_MPEG
+        hdr = _hdr_params(self.codec, colour)
+        if hdr is not None:
+            options.update(hdr)
+        elif colour.mastering_display or colour.content_light:
+            _warn(f"{self.path}: {self.codec} cannot carry the input's HDR mastering and light metadata")
         stream.options = options
         if self.path.suffix.lower() == ".avi":
             # AVI stores no presentation timestamps: with B-frames, readers get frames in a shuffled timing.
@@ -992,7 +1063,15 @@ class VideoWriter:
         assert self._container is not None and self._video is not None
         if self._pad != (0, 0):
             frame = np.pad(frame, ((0, self._pad[0]), (0, self._pad[1]), (0, 0)), mode="edge")
-        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        rgb = av.VideoFrame.from_ndarray(
+            np.ascontiguousarray(frame), format="rgb48le" if frame.dtype == np.uint16 else "rgb24"
+        )
+        video_frame = rgb.reformat(
+            format=self.pix_fmt,
+            src_color_range=ColorRange.JPEG,
+            dst_colorspace=self.colour.sws_matrix,
+            dst_color_range=self.colour.sws_range,
+        )
         if self._use_source_pts:
             assert self.source is not None
             video_frame.pts = self.source.pts_of(self.frames_written)
@@ -1121,6 +1200,50 @@ class VideoWriter:
                 pass
 
 
+_PNG_FORMATS = {
+    "rgb24": "rgb24",
+    "rgb48": "rgb48be",
+    "rgb48be": "rgb48be",
+    "rgb48le": "rgb48be",
+    "gray": "gray",
+    "gray8": "gray",
+    "gray16": "gray16be",
+    "gray16be": "gray16be",
+    "gray16le": "gray16be",
+}
+
+
+def _write_png16(frame: np.ndarray, path: Path) -> None:
+    """A uint16 (H, W, 3) RGB or (H, W) gray array as a 16-bit PNG (PIL writes only 8-bit colour)."""
+    gray = frame.ndim == 2
+    picture = av.VideoFrame.from_ndarray(
+        np.ascontiguousarray(frame), format="gray16le" if gray else "rgb48le"
+    ).reformat(format="gray16be" if gray else "rgb48be")
+    encoder = av.CodecContext.create("png", "w")
+    encoder.width, encoder.height = frame.shape[1], frame.shape[0]
+    encoder.pix_fmt = picture.format.name
+    packets = list(encoder.encode(picture)) + list(encoder.encode(None))
+    with open(path, "wb") as f:
+        for packet in packets:
+            f.write(bytes(packet))
+
+
+def _hdr_params(codec: str, colour: VideoColour) -> dict[str, str] | None:
+    """Encoder options that write the HDR mastering-display and light-level SEI (x264 and x265 only)."""
+    if not (colour.mastering_display or colour.content_light):
+        return None
+    light = colour.content_light
+    if codec == "libx265":
+        parts = [f"master-display={colour.mastering_display}"] if colour.mastering_display else []
+        parts += [f"max-cll={light[0]},{light[1]}"] if light else []
+        return {"x265-params": ":".join(parts)}
+    if codec == "libx264":
+        parts = [f"mastering-display={colour.mastering_display}"] if colour.mastering_display else []
+        parts += [f"cll={light[0]},{light[1]}"] if light else []
+        return {"x264-params": ":".join(parts)}
+    return None
+
+
 def _format_for(path: Path) -> str | None:
     return {
         ".mkv": "matroska",
@@ -1233,7 +1356,7 @@ def open_writer(
     fps: float | Fraction | None = None,
     codec: str | None = None,
     crf: int | None = 18,
-    pix_fmt: str = "yuv420p",
+    pix_fmt: str | None = None,
     overwrite: bool = False,
 ) -> VideoWriter:
     """Open an atomic writer for a video file or a PNG folder (see :class:`VideoWriter`).
@@ -1244,7 +1367,9 @@ def open_writer(
             reused.
         fps: constant output frame rate; None keeps the source's timing.
         codec: video encoder; None picks libx264 (libvpx-vp9 for WebM). ``crf`` applies to x264/x265/VPx/AV1.
-        pix_fmt: output pixel format.
+        pix_fmt: output pixel format. None: the source's depth, 8-bit ``yuv420p`` for 8-bit input and
+            ``yuv420p10le`` (12 where the encoder can) for deeper input read with ``native_depth``; for PNG
+            folders ``rgb24``/``rgb48`` or ``gray``/``gray16`` (gray input) likewise.
         overwrite: replace an existing output.
 
     Raises :class:`~vsrkit.errors.VsrkitError` at once if the output exists (without ``overwrite``), if its
