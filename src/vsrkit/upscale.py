@@ -51,6 +51,8 @@ def upscale(
     overwrite: bool = False,
     codec: str | None = None,
     crf: int | None = 18,
+    pix_fmt: str | None = None,
+    stream: int | None = None,
     allow_corrupt: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -59,6 +61,11 @@ def upscale(
     ``output`` with a video extension is encoded (H.264 by default, the input's frame rate and
     timestamps, its audio and subtitle streams copied); anything else becomes a folder of PNGs.
     The output appears only when complete. Returns a summary (frames, seconds, sizes).
+
+    Colours, depth and orientation follow the input: its colour tags are carried over (or, when it has
+    none, the ones players would guess are written), inputs deeper than 8 bits go through the model in
+    float and come out at their depth (``pix_fmt`` chooses another pixel format), and frames are turned
+    upright as the input's display matrix says. ``stream`` picks a video stream (0 for the first).
     """
     from .data.video import open_frames, open_writer
 
@@ -74,12 +81,14 @@ def upscale(
         window_frames=window_frames,
         window_overlap=window_overlap,
     )
-    with open_frames(input, allow_corrupt=allow_corrupt) as source:
+    with open_frames(input, allow_corrupt=allow_corrupt, stream=stream, native_depth=True) as source:
         net = load_upscaling_model(model, weights)
         engine = Upscaler(net, options)
         start = time.perf_counter()
         count = 0
-        with open_writer(output, source=source, codec=codec, crf=crf, overwrite=overwrite) as writer:
+        with open_writer(
+            output, source=source, codec=codec, crf=crf, pix_fmt=pix_fmt, overwrite=overwrite
+        ) as writer:
             bar = _progress_bar(
                 engine.progress_total(source.num_frames) if source.num_frames else None, progress
             )

@@ -51,6 +51,20 @@ def register(subparsers) -> None:
     p.add_argument(
         "--crf", type=int, default=18, help="quality for x264/x265/VPx (lower is better; default 18)"
     )
+    p.add_argument(
+        "--pix-fmt",
+        default=None,
+        metavar="FMT",
+        help="output pixel format (default: the input's depth: yuv420p, or yuv420p10le for 10-bit input; "
+        "rgb24/rgb48/gray/gray16 for PNG folders)",
+    )
+    p.add_argument(
+        "--stream",
+        type=int,
+        default=None,
+        metavar="N",
+        help="which video stream to upscale, 0 for the first (default: the first that is not cover art)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--allow-corrupt", action="store_true", help="skip undecodable packets instead of failing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -76,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         codec=args.codec,
         crf=args.crf,
+        pix_fmt=args.pix_fmt,
+        stream=args.stream,
         allow_corrupt=args.allow_corrupt,
         progress=not args.quiet,
     )
