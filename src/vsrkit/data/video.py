@@ -77,7 +77,7 @@ import av
 import av.error
 import numpy as np
 from av.sidedata.sidedata import Type as SideDataType
-from av.video.reformatter import ColorRange, Colorspace
+from av.video.reformatter import ColorRange, Colorspace, Interpolation
 
 from vsrkit.errors import VsrkitError
 
@@ -220,6 +220,11 @@ def _mastering_display(data: bytes) -> str | None:
     max_lum, min_lum = round(v[18] / v[19] * 10000), round(v[16] / v[17] * 10000)
     return f"G({chroma(4)})B({chroma(8)})R({chroma(0)})WP({chroma(12)})L({max_lum},{min_lum})"
 
+
+# swscale's default YUV↔RGB path rounds coarsely and reuses each chroma sample for two pixels: flat
+# colours came back up to 3 levels off. Exact rounding and full chroma interpolation: within 1.
+_TO_RGB = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
+_FROM_RGB = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INP
 
 # ------------------------------------------------------------------------------------------ orientation
 
@@ -678,6 +683,7 @@ class FrameSource:
                         src_colorspace=colour.sws_matrix,
                         src_color_range=colour.sws_range,
                         dst_color_range=ColorRange.JPEG,
+                        interpolation=_TO_RGB,
                     )
                     for op in self._orient_ops:
                         array = _ORIENT_OPS[op](array)
@@ -1071,6 +1077,7 @@ class VideoWriter:
             src_color_range=ColorRange.JPEG,
             dst_colorspace=self.colour.sws_matrix,
             dst_color_range=self.colour.sws_range,
+            interpolation=_FROM_RGB,
         )
         if self._use_source_pts:
             assert self.source is not None
@@ -1082,9 +1089,17 @@ class VideoWriter:
             video_frame.time_base = 1 / self.fps
             seconds = self.frames_written / self.fps
         for packet in self._video.encode(video_frame):
-            self._container.mux(packet)
+            self._mux_video(packet)
         if self._aux is not None:
             self._aux.copy_until(seconds)
+
+    def _mux_video(self, packet: av.Packet) -> None:
+        assert self._container is not None
+        if packet.dts is not None and packet.pts is not None and packet.dts > packet.pts:
+            # libx265 on clips shorter than its B-frame delay returns decode times from uninitialised
+            # memory (seen with 2 frames); a decode time after the presentation time is never valid.
+            packet.dts = packet.pts
+        self._container.mux(packet)
 
     # -- finishing
 
@@ -1107,7 +1122,7 @@ class VideoWriter:
         assert self._container is not None and self._video is not None
         try:
             for packet in self._video.encode(None):
-                self._container.mux(packet)
+                self._mux_video(packet)
             if self._aux is not None:
                 source = self.source
                 assert source is not None
