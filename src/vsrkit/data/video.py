@@ -3,8 +3,16 @@
 Reading
 -------
 :func:`open_frames` opens a video file (anything FFmpeg reads, through PyAV) or a folder of
-images and returns a :class:`FrameSource`: an iterable of ``uint8`` RGB arrays of shape ``(H, W, 3)``,
-decoded one at a time, so memory does not grow with the length of the video.
+images and returns a :class:`FrameSource`: an iterable of RGB arrays of shape ``(H, W, 3)``, decoded one at
+a time, so memory does not grow with the length of the video. Frames are ``uint8``; with
+``native_depth=True``, inputs deeper than 8 bits (10-/12-bit video, 16-bit PNGs) give ``uint16`` frames with
+full scale 65535.
+
+Colour. YUV is turned into RGB with the stream's own matrix and range. Untagged video is read as players
+read it: BT.601 below 720 lines, BT.709 from 720 up, limited range (:class:`VideoColour`). Frames are turned
+upright as the stream's display matrix says (the transposes and flips FFmpeg's autorotation applies), so
+they look as a player shows them. A file with several video streams: a warning names the one read (the first
+that is not cover art); ``stream=N`` picks another.
 
 Timestamps. When a video is opened, its video packets are demuxed once without decoding (fast, no frame data
 kept) to count them and to collect their presentation timestamps. Sorted, these are the timestamps of the
@@ -53,8 +61,16 @@ end of the last written frame.
 Frame size: encoders for chroma-subsampled pixel formats (``yuv420p``, the default) need even sizes; odd
 widths or heights are padded by repeating the last column/row, with a warning.
 
-Not handled: rotation metadata (frames are returned as stored, and the output carries no rotation), sample
-aspect ratio, and more than 8 bits per channel (frames are converted to 8-bit RGB).
+Colour and depth of the output: RGB is encoded with the source's matrix and range (BT.709 for image
+folders), and the stream is tagged with matrix, primaries, transfer and range, the source's own or the ones
+players would have guessed for it, so that it displays as the source did. HDR mastering-display and
+content-light-level metadata of the source's first frame are written through x264/x265 (other encoders: a
+warning). The default pixel format follows the source's frames: ``yuv420p`` for 8-bit, ``yuv420p10le`` (12
+where the encoder can) for ``uint16`` frames; PNG folders are ``rgb24``/``rgb48`` (``gray``/``gray16`` when
+the source images are gray). Frames are written upright, with no rotation tag.
+
+Not handled: sample aspect ratio; display matrices that rotate by other than a multiple of 90° (a warning,
+frames as stored); 16-bit images other than PNG (read at 8 bits); colour tags of PNG files (sRGB assumed).
 """
 
 from __future__ import annotations
