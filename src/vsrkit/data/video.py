@@ -908,8 +908,8 @@ class VideoWriter:
                 chosen, chosen_bits = name, depth
         if chosen_bits < bits and self.source is not None and self.source.is_video:
             _warn(
-                f"{self.path}: {self.codec} cannot encode {bits}-bit video; writing {chosen_bits}-bit "
-                "(libx265 can encode 10 and 12 bits: --codec libx265)"
+                f"{self.path}: {self.codec} cannot encode {bits}-bit video here; writing {chosen_bits}-bit "
+                "(--codec and --pix-fmt choose another; libx265 encodes up to 12 bits)"
             )
         return chosen
 
