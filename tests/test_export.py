@@ -188,7 +188,7 @@ def test_existing_output_is_refused(tiny_weights, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "setting, message",
-    [("no_such_option=3", "no option no_such_option"), ("mid_channels", "KEY=VALUE"), ("num_blocks=[1", "")],
+    [("no_such_option=3", "option no_such_option"), ("mid_channels", "KEY=VALUE"), ("num_blocks=[1", "")],
 )
 def test_bad_set_is_one_line(setting, message, tiny_weights, tmp_path, capsys):
     pytest.importorskip("onnxruntime")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,6 +16,7 @@ from vsrkit.cli import main
 from vsrkit.data.degradations import bi_degrade
 from vsrkit.data.video import open_frames, open_writer, read_all_frames
 from vsrkit.engine import Upscaler
+from vsrkit.fsutil import owner_tag
 from vsrkit.scenes import _hsv, detect_shots, join_segments, run_shots
 from vsrkit.upscale import upscale
 from vsrkit.weights import save_vsrkit
@@ -106,10 +106,11 @@ def test_upscale_scene_cuts_keeps_frames_timing_and_audio(three_shot_film, tiny_
     # Shot folders of runs on this host: one whose process is gone (killed), one still running.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = socket.gethostname()
-    stale = tmp_path / f".old.mp4.shots-{host}-{dead.pid}-abc123"
-    live = tmp_path / f".other.mp4.shots-{host}-{os.getpid()}-def456"
+    host = owner_tag().split("-")[1]
+    stale = tmp_path / f".old.mp4.shots-{dead.pid}-{host}-abc12345"
+    live = tmp_path / f".other.mp4.shots-{os.getpid()}-{host}-def45678"
     stale.mkdir()
+    (stale / "shot-00000000.mp4").write_bytes(b"")
     live.mkdir()
     argv = ["upscale", str(three_shot_film), str(out), "--weights", str(tiny_weights), "--quiet"]
     assert main([*argv, "--scene-cuts", "--min-shot-frames", "4"]) == 0, capsys.readouterr().err

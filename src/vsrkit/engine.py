@@ -5,9 +5,10 @@ references keep every frame's features in memory (about 26 MB per frame at 180×
 BasicVSR, 105 MB for BasicVSR++) and fail past a few hundred frames. Here:
 
 **BasicVSR and IconVSR: exact streaming.** The input is spooled once to a temporary file of
-raw LR frames (uint8, 173 kB per 180×320 frame). Pass 1 runs the backward branch over the
-whole clip from the last frame, saving the backward state at every ``segment_frames``-th
-frame, plus the backward flows and the IconVSR keyframe features, to the temporary folder.
+raw LR frames (uint8, 173 kB per 180×320 frame; uint16 for deeper input). Pass 1 runs
+the backward branch over the whole clip from the last frame, saving the backward state at
+every ``segment_frames``-th frame, plus the backward flows and the IconVSR keyframe features,
+to the temporary folder.
 Pass 2 walks the segments in order: it reads or recomputes the segment's backward states,
 runs the forward branch and emits finished HR frames. The first segment's states are still
 in memory at the end of pass 1. Of the later segments, as many as fit in ``state_disk_mb``
@@ -65,6 +66,8 @@ _SPILL_HINT = "set TMPDIR to a folder with more room, or lower --state-disk-mb"
 # Frames are padded up to what the networks need (64 px for BasicVSR++'s flows), but a frame
 # under 8 px holds too little to upscale and is almost certainly a mistake.
 MIN_INPUT_SIDE = 8
+# Frame arrays the engine takes and gives back: 8-bit, or 16-bit (full scale 65535) for deeper input.
+FRAME_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -183,18 +186,23 @@ class _SpillDir:
 
 
 class _FrameSpool:
-    """LR frames in one raw file, readable in any order."""
+    """LR frames in one raw file, readable in any order (uint8, or uint16 for deeper input)."""
 
     def __init__(self, spill: _SpillDir, frames: Iterable[np.ndarray]) -> None:
         self.file = open(spill.path / "frames.u8", "w+b")  # noqa: SIM115 - closed by close()
         self.shape: tuple[int, int, int] | None = None
+        self.dtype: np.dtype | None = None
         self.count = 0
         for frame in frames:
             frame = np.ascontiguousarray(frame)
-            if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+            if frame.dtype not in FRAME_DTYPES or frame.ndim != 3 or frame.shape[2] != 3:
                 raise VsrkitError(
-                    f"frames must be uint8 (H, W, 3) RGB arrays, got {frame.dtype} {frame.shape}"
+                    f"frames must be uint8 or uint16 (H, W, 3) RGB arrays, got {frame.dtype} {frame.shape}"
                 )
+            if self.dtype is None:
+                self.dtype = frame.dtype
+            elif frame.dtype != self.dtype:
+                raise VsrkitError(f"frame {self.count} is {frame.dtype}, earlier frames are {self.dtype}")
             if self.shape is None:
                 if min(frame.shape[:2]) < MIN_INPUT_SIDE:
                     h, w = frame.shape[:2]
@@ -219,14 +227,15 @@ class _FrameSpool:
         except OSError as exc:
             spill.disk_full(exc)
             raise
-        self.frame_bytes = int(np.prod(self.shape))
+        assert self.dtype is not None
+        self.frame_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
 
     def __len__(self) -> int:
         return self.count
 
     def read(self, index: int) -> np.ndarray:
         self.file.seek(index * self.frame_bytes)
-        return np.frombuffer(self.file.read(self.frame_bytes), dtype=np.uint8).reshape(self.shape)
+        return np.frombuffer(self.file.read(self.frame_bytes), dtype=self.dtype).reshape(self.shape)
 
     def close(self) -> None:
         self.file.close()
@@ -310,14 +319,18 @@ class _Blender:
         return acc / norm
 
 
-def tensor_to_frame(hr: torch.Tensor) -> np.ndarray:
-    """(1, 3, H, W) float in [0, 1] → uint8 (H, W, 3), rounded as the references quantise."""
+def tensor_to_frame(hr: torch.Tensor, dtype: np.dtype | type = np.uint8) -> np.ndarray:
+    """(1, 3, H, W) float in [0, 1] → (H, W, 3) uint8 or uint16, rounded as the references quantise."""
+    if np.dtype(dtype) == np.uint16:
+        # torch has no uint16 arithmetic on every device: round in int32, narrow in numpy.
+        scaled = hr[0].float().clamp_(0, 1).mul_(65535).round_().to(torch.int32)
+        return scaled.permute(1, 2, 0).cpu().numpy().astype(np.uint16)
     return hr[0].float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 # -- the engine ---------------------------------------------------------------------------------
 class Upscaler:
-    """Runs a model over a stream of frames. ``run(frames)`` yields HR uint8 frames in order."""
+    """Runs a model over a stream of frames. ``run(frames)`` yields HR frames (the input's dtype) in order."""
 
     def __init__(self, model: nn.Module, options: EngineOptions | None = None, **kwargs) -> None:
         self.options = options or EngineOptions(**kwargs)
@@ -345,6 +358,7 @@ class Upscaler:
             raise VsrkitError(f"unsupported model type {type(model).__name__}")
         self.scale = 4 if getattr(model, "is_low_res_input", True) else 1
         self._progress: Callable[[int], None] | None = None
+        self._frame_dtype: np.dtype | None = np.dtype(np.uint8)
 
     def progress_total(self, num_frames: int) -> int:
         """How many times ``run`` calls ``progress(1)`` for a clip: the backward pass counts too."""
@@ -359,8 +373,14 @@ class Upscaler:
         return autocast_context(self.device, self.options.precision)
 
     def _lq(self, spool: _FrameSpool, index: int) -> torch.Tensor:
-        frame = torch.from_numpy(spool.read(index).copy()).to(self.device)
-        lq = frame.permute(2, 0, 1).unsqueeze(0).float().div_(255)
+        array = spool.read(index)
+        if array.dtype == np.uint16:
+            # Converted on the host: uint16 tensors lack most operations.
+            frame = torch.from_numpy(array.astype(np.float32)).to(self.device)
+            lq = frame.permute(2, 0, 1).unsqueeze(0).div_(65535)
+        else:
+            frame = torch.from_numpy(array.copy()).to(self.device)
+            lq = frame.permute(2, 0, 1).unsqueeze(0).float().div_(255)
         if self.arch == "iconvsr":
             # PCD's two stride-2 levels need sides that are multiples of 4.
             lq = pad_to_multiple(lq.unsqueeze(1), 4)[:, 0]
@@ -389,9 +409,13 @@ class Upscaler:
     def run(
         self, frames: Iterable[np.ndarray], progress: Callable[[int], None] | None = None
     ) -> Iterator[np.ndarray]:
-        """Yield the upscaled frames of ``frames`` (uint8 (H, W, 3) RGB) one at a time."""
+        """Yield the upscaled frames of ``frames`` ((H, W, 3) RGB) one at a time, in the input's dtype.
+
+        Frames are uint8, or uint16 with full scale 65535 (for sources deeper than 8 bits); the
+        model sees both as float in [0, 1].
+        """
         for hr in self.run_tensors(frames, progress):
-            yield tensor_to_frame(hr)
+            yield tensor_to_frame(hr, self._frame_dtype)
 
     def run_tensors(
         self, frames: Iterable[np.ndarray], progress: Callable[[int], None] | None = None
@@ -402,6 +426,7 @@ class Upscaler:
         self._progress = progress
         try:
             spool = _FrameSpool(spill, frames)
+            self._frame_dtype = spool.dtype
             with torch.inference_mode():
                 if self.arch == "basicvsr_pp":
                     steps = self._run_windows(spool)
@@ -631,7 +656,7 @@ def upscale_frames(
     progress: Callable[[int], None] | None = None,
     **options,
 ) -> Iterator[np.ndarray]:
-    """Upscale a stream of uint8 (H, W, 3) RGB frames; yields uint8 HR frames in order.
+    """Upscale a stream of uint8 or uint16 (H, W, 3) RGB frames; yields HR frames of that dtype in order.
 
     ``options`` are :class:`EngineOptions` fields (``device``, ``precision``, ``tile``, ...).
     """

@@ -57,10 +57,12 @@ _DISK_FULL_TEXTS = ("no space left on device", "disk quota exceeded", "file too 
 
 # tempfile's random part: 8 characters of [a-z0-9_].
 _OWNER = r"(?P<pid>[1-9][0-9]{0,9})-(?P<host>[0-9a-f]{6})-[a-z0-9_]{8}"
-LEFTOVER_NAME = re.compile(rf"\.(?P<name>.+)\.(?:partial|old)-{_OWNER}(?:\.[A-Za-z0-9]{{1,8}})?")
+LEFTOVER_NAME = re.compile(rf"\.(?P<name>.+)\.(?:partial|old|shots)-{_OWNER}(?:\.[A-Za-z0-9]{{1,8}})?")
 SPILL_NAME = re.compile(rf"vsrkit-{_OWNER}")
 # What a leftover folder may hold for it to be removed: PNG frames (outputs), spilled tensors and frames.
 _FRAME_NAME = re.compile(r"\d{8}\.png")
+# Shot segments of a video cut at scene cuts (vsrkit.scenes), encoded apart and joined later.
+_OUTPUT_PIECE_NAME = re.compile(r"\d{8}\.png|shot-\d{8}\.[A-Za-z0-9]{1,8}")
 _SPILL_FILE_NAME = re.compile(r"[A-Za-z0-9_]+\.(?:pt|u8)")
 
 
@@ -91,7 +93,7 @@ def make_temp_file(folder: str | os.PathLike[str], base: str, suffix: str = "") 
 
 
 def make_temp_dir(folder: str | os.PathLike[str], base: str, kind: str = "partial") -> Path:
-    """Create the folder ``folder/.BASE.KIND-PID-HOST-XXXXXXXX`` (``kind``: partial or old)."""
+    """Create the folder ``folder/.BASE.KIND-PID-HOST-XXXXXXXX`` (``kind``: partial, old or shots)."""
     return Path(tempfile.mkdtemp(prefix=f".{base}.{kind}-{owner_tag()}-", dir=folder))
 
 
@@ -159,7 +161,8 @@ def _scan(folder: Path) -> list[os.DirEntry[str]]:
 
 def remove_dead_leftovers(folder: str | os.PathLike[str]) -> list[Path]:
     """Remove vsrkit's temporary outputs in ``folder`` (``.NAME.partial-…``, ``.NAME.old-…``) whose owner
-    process is gone; returns what was removed. Files go; folders only if they hold PNG frames alone."""
+    process is gone; returns what was removed. Files go; folders only if they hold PNG frames or shot
+    segments alone."""
     removed = []
     for entry in _scan(Path(folder)):
         match = LEFTOVER_NAME.fullmatch(entry.name)
@@ -168,7 +171,7 @@ def remove_dead_leftovers(folder: str | os.PathLike[str]) -> list[Path]:
         path = Path(entry.path)
         try:
             if entry.is_dir(follow_symlinks=False):
-                if remove_folder_holding_only(path, _FRAME_NAME):
+                if remove_folder_holding_only(path, _OUTPUT_PIECE_NAME):
                     removed.append(path)
             elif entry.is_file(follow_symlinks=False):
                 path.unlink()

@@ -24,12 +24,7 @@ source's audio and subtitle streams are copied as ``vsrkit upscale`` copies them
 
 from __future__ import annotations
 
-import errno
 import os
-import re
-import shutil
-import socket
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from fractions import Fraction
 from itertools import islice
@@ -39,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from .errors import VsrkitError
+from .fsutil import make_temp_dir, make_temp_file, put_in_place, remove_dead_leftovers
 
 DEFAULT_THRESHOLD = 27.0
 DEFAULT_MIN_SHOT_FRAMES = 15
@@ -203,32 +199,15 @@ def is_joinable(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in JOINABLE_EXTENSIONS
 
 
-def remove_stale_shot_folders(folder: Path) -> None:
-    """Remove shot folders that a run on this host left behind when it was killed."""
-    host = socket.gethostname()
-    pattern = re.compile(r"\..+\.shots-(.+)-(\d+)-[^-]+$")
-    for entry in folder.iterdir() if folder.is_dir() else ():
-        match = pattern.fullmatch(entry.name)
-        if not match or match.group(1) != host or not entry.is_dir():
-            continue
-        pid = int(match.group(2))
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(entry, ignore_errors=True)
-        except PermissionError:
-            pass
-
-
 def shot_folder_beside(output: str | os.PathLike) -> Path:
-    """A private folder for an output's shot segments, beside it, named with our host and pid."""
+    """A private folder for an output's shot segments, beside it, named with our pid and host (so that the
+    next run removes it if this one is killed)."""
     output = Path(output)
     if not output.parent.is_dir():
         raise VsrkitError(f"output folder {output.parent} does not exist (for {output})")
-    remove_stale_shot_folders(output.parent)
+    remove_dead_leftovers(output.parent)
     try:
-        prefix = f".{output.name}.shots-{socket.gethostname()}-{os.getpid()}-"
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=output.parent))
+        return make_temp_dir(output.parent, output.name, kind="shots")
     except OSError as exc:
         raise VsrkitError(f"cannot write to {output.parent} (for {output}): {exc.strerror or exc}") from exc
 
@@ -259,6 +238,7 @@ def write_shot_segments(
     *,
     codec: str | None = None,
     crf: int | None = 18,
+    pix_fmt: str | None = None,
     progress: Callable[[int], None] | None = None,
     suffix: str = ".mp4",
 ) -> list[Path]:
@@ -281,7 +261,9 @@ def write_shot_segments(
         for start, stop in shots:
             path = folder / segment_name((start, stop), suffix)
             view = SourceRange(source, start, stop)
-            with open_segment_writer(path, source=view, codec=codec, crf=crf, overwrite=True) as writer:
+            with open_segment_writer(
+                path, source=view, codec=codec, crf=crf, pix_fmt=pix_fmt, overwrite=True
+            ) as writer:
                 for frame in engine.run(islice(frames, stop - start), progress=progress):
                     writer.write(frame)
             if writer.frames_written != stop - start:
@@ -318,6 +300,7 @@ def join_segments(
     *,
     overwrite: bool = False,
     allow_corrupt: bool = False,
+    stream: int | None = None,
 ) -> int:
     """Concatenate segment files (the source's frames in order) into ``output``; returns its frames.
 
@@ -339,7 +322,7 @@ def join_segments(
             raise VsrkitError(f"output {output} is an existing folder; cannot replace it with a video")
         if output.exists() and output.samefile(source_path):
             raise VsrkitError(f"output {output} is the input; choose another output path")
-    source = open_frames(source_path, allow_corrupt=allow_corrupt)
+    source = open_frames(source_path, allow_corrupt=allow_corrupt, stream=stream)
     opened = [_segment_packets(Path(p)) for p in segments]
     try:
         total = sum(len(packets) for packets, _, _ in opened)
@@ -361,11 +344,8 @@ def join_segments(
             (j - r for packets, rank, _ in opened for j, r in enumerate(rank)),
             default=0,
         )
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{output.stem}.partial-", suffix=output.suffix, dir=output.parent
-        )
-        os.close(fd)
-        tmp = Path(tmp_name)
+        remove_dead_leftovers(output.parent)
+        tmp = make_temp_file(output.parent, output.stem, output.suffix)
         try:
             options = {"movflags": "+faststart"} if output.suffix.lower() in (".mp4", ".mov", ".m4v") else {}
             with av.open(str(tmp), mode="w", format=_format_for(output), options=options) as out:
@@ -413,20 +393,14 @@ def _publish(tmp: Path, output: Path, overwrite: bool) -> None:
     try:
         if overwrite:
             os.replace(tmp, output)
-            return
-        try:
-            os.link(tmp, output)  # fails if anything is at ``output``, atomically
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            # No hard links here: claim the name with an empty file of our own, then fill it.
-            os.close(os.open(output, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            os.replace(tmp, output)
-            return
+        else:
+            put_in_place(tmp, output)
     except FileExistsError as exc:
-        raise VsrkitError(f"output {output} appeared while it was being written; left it as it is") from exc
+        raise VsrkitError(
+            f"output {output} appeared during the run; pass --overwrite to replace it "
+            "(this run's result is discarded)"
+        ) from exc
     except OSError as exc:
         raise VsrkitError(
             f"cannot move the finished output into place at {output}: {exc.strerror or exc}"
         ) from exc
-    tmp.unlink()

@@ -55,6 +55,8 @@ def upscale(
     overwrite: bool = False,
     codec: str | None = None,
     crf: int | None = 18,
+    pix_fmt: str | None = None,
+    stream: int | None = None,
     allow_corrupt: bool = False,
     scene_cuts: bool = False,
     scene_threshold: float = DEFAULT_THRESHOLD,
@@ -74,6 +76,11 @@ def upscale(
     only those frames, one shot at a time, and makes ``output`` a folder that receives each
     shot's video-only segment (:func:`vsrkit.scenes.write_shot_segments`), to be joined later
     by :func:`vsrkit.scenes.join_segments`. ``progress`` may be a callable, given frames done.
+
+    Colours, depth and orientation follow the input: its colour tags are carried over (or, when it has
+    none, the ones players would guess are written), inputs deeper than 8 bits go through the model in
+    float and come out at their depth (``pix_fmt`` chooses another pixel format), and frames are turned
+    upright as the input's display matrix says. ``stream`` picks a video stream (0 for the first).
     """
     from .data.video import open_frames, open_writer
     from .scenes import (
@@ -103,7 +110,7 @@ def upscale(
         window_overlap=window_overlap,
     )
     segments_only = shots is not None
-    with open_frames(input, allow_corrupt=allow_corrupt) as source:
+    with open_frames(input, allow_corrupt=allow_corrupt, stream=stream, native_depth=True) as source:
         if shots is not None:
             shots = check_shots(shots)
         elif scene_cuts:
@@ -122,7 +129,9 @@ def upscale(
             on_step = bar.update if bar else None
         try:
             if segments_only:
-                write_shot_segments(engine, source, shots, output, codec=codec, crf=crf, progress=on_step)
+                write_shot_segments(
+                    engine, source, shots, output, codec=codec, crf=crf, pix_fmt=pix_fmt, progress=on_step
+                )
                 count = num_frames
             elif shots is not None and is_joinable(output):
                 # One segment per shot, joined without re-encoding: the same files whether the
@@ -136,17 +145,20 @@ def upscale(
                         folder,
                         codec=codec,
                         crf=crf,
+                        pix_fmt=pix_fmt,
                         progress=on_step,
                         suffix=os.path.splitext(output)[1],
                     )
                     count = join_segments(
-                        input, paths, output, overwrite=overwrite, allow_corrupt=allow_corrupt
+                        input, paths, output, overwrite=overwrite, allow_corrupt=allow_corrupt, stream=stream
                     )
                 finally:
                     shutil.rmtree(folder, ignore_errors=True)
             else:
                 count = 0
-                with open_writer(output, source=source, codec=codec, crf=crf, overwrite=overwrite) as writer:
+                with open_writer(
+                    output, source=source, codec=codec, crf=crf, pix_fmt=pix_fmt, overwrite=overwrite
+                ) as writer:
                     for frame in run_shots(engine, source, shots, progress=on_step):
                         writer.write(frame)
                         count += 1

@@ -72,6 +72,20 @@ def add_options(p: argparse.ArgumentParser) -> None:
         default=18,
         help="quality for x264/x265 (0-51) or VPx/AV1 (0-63); lower is better (default 18)",
     )
+    p.add_argument(
+        "--pix-fmt",
+        default=None,
+        metavar="FMT",
+        help="output pixel format (default: the input's depth: yuv420p, or yuv420p10le for 10-bit input; "
+        "rgb24/rgb48/gray/gray16 for PNG folders)",
+    )
+    p.add_argument(
+        "--stream",
+        type=int,
+        default=None,
+        metavar="N",
+        help="which video stream to upscale, 0 for the first (default: the first that is not cover art)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--allow-corrupt", action="store_true", help="skip undecodable packets instead of failing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -94,6 +108,8 @@ def options_from_args(args: argparse.Namespace) -> dict:
         overwrite=args.overwrite,
         codec=args.codec,
         crf=args.crf,
+        pix_fmt=args.pix_fmt,
+        stream=args.stream,
         allow_corrupt=args.allow_corrupt,
         scene_cuts=args.scene_cuts,
         scene_threshold=args.scene_threshold,

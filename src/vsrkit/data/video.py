@@ -3,8 +3,16 @@
 Reading
 -------
 :func:`open_frames` opens a video file (anything FFmpeg reads, through PyAV) or a folder of
-images and returns a :class:`FrameSource`: an iterable of ``uint8`` RGB arrays of shape ``(H, W, 3)``,
-decoded one at a time, so memory does not grow with the length of the video.
+images and returns a :class:`FrameSource`: an iterable of RGB arrays of shape ``(H, W, 3)``, decoded one at
+a time, so memory does not grow with the length of the video. Frames are ``uint8``; with
+``native_depth=True``, inputs deeper than 8 bits (10-/12-bit video, 16-bit PNGs) give ``uint16`` frames with
+full scale 65535.
+
+Colour. YUV is turned into RGB with the stream's own matrix and range. Untagged video is read as players
+read it: BT.601 below 720 lines, BT.709 from 720 up, limited range (:class:`VideoColour`). Frames are turned
+upright as the stream's display matrix says (the transposes and flips FFmpeg's autorotation applies), so
+they look as a player shows them. A file with several video streams: a warning names the one read (the first
+that is not cover art); ``stream=N`` picks another.
 
 Timestamps. When a video is opened, its video packets are demuxed once without decoding (fast, no frame data
 kept) to count them and to collect their presentation timestamps. Sorted, these are the timestamps of the
@@ -62,18 +70,29 @@ end of the last written frame.
 Frame size: encoders for chroma-subsampled pixel formats (``yuv420p``, the default) need even sizes; odd
 widths or heights are padded by repeating the last column/row, with a warning.
 
-Not handled: rotation metadata (frames are returned as stored, and the output carries no rotation), sample
-aspect ratio, and more than 8 bits per channel (frames are converted to 8-bit RGB).
+Colour and depth of the output: RGB is encoded with the source's matrix and range (BT.709 for image
+folders), and the stream is tagged with matrix, primaries, transfer and range, the source's own or the ones
+players would have guessed for it, so that it displays as the source did. HDR mastering-display and
+content-light-level metadata of the source's first frame are written through x264/x265 (other encoders: a
+warning). The default pixel format follows the source's frames: ``yuv420p`` for 8-bit, ``yuv420p10le`` (12
+where the encoder can) for ``uint16`` frames; PNG folders are ``rgb24``/``rgb48`` (``gray``/``gray16`` when
+the source images are gray). Frames are written upright, with no rotation tag.
+
+Not handled: sample aspect ratio; display matrices that rotate by other than a multiple of 90° (a warning,
+frames as stored); 16-bit images other than PNG (read at 8 bits); colour tags of PNG files (sRGB assumed).
 """
 
 from __future__ import annotations
 
 import array
+import math
 import os
 import re
 import shutil
+import struct
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -81,6 +100,8 @@ from types import TracebackType
 import av
 import av.error
 import numpy as np
+from av.sidedata.sidedata import Type as SideDataType
+from av.video.reformatter import ColorRange, Colorspace, Interpolation
 
 from vsrkit.checks import check_crf
 from vsrkit.errors import VsrkitError
@@ -100,6 +121,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "VIDEO_EXTENSIONS",
     "FrameSource",
+    "VideoColour",
     "VideoIOWarning",
     "VideoWriter",
     "open_frames",
@@ -147,20 +169,179 @@ def _to_fraction(value: object, what: str) -> Fraction:
     return fraction
 
 
+# ------------------------------------------------------------------------------------------ colour
+
+# FFmpeg's codes (libavutil/pixfmt.h) for the tags a stream carries.
+_SPC_RGB, _SPC_BT709, _SPC_SMPTE170M, _SPC_BT2020_NCL = 0, 1, 6, 9
+_PRI_BT709, _PRI_BT470BG, _PRI_SMPTE170M, _PRI_BT2020 = 1, 5, 6, 9
+_TRC_BT709 = 1
+_RANGE_MPEG, _RANGE_JPEG = 1, 2
+_UNKNOWN = (0, 2, 3)  # reserved, unspecified, reserved: for primaries and transfer alike
+# swscale's YUV↔RGB matrix for each matrix tag it can convert.
+_SWS_MATRIX = {
+    _SPC_BT709: Colorspace.ITU709,
+    4: Colorspace.FCC,
+    5: Colorspace.ITU601,  # BT.470BG (625-line BT.601)
+    _SPC_SMPTE170M: Colorspace.ITU601,
+    7: Colorspace.SMPTE240M,
+    _SPC_BT2020_NCL: Colorspace.BT2020,
+    10: Colorspace.BT2020,
+}
+
+
+@dataclass(frozen=True)
+class VideoColour:
+    """How a video's samples map to colours: FFmpeg's codes for the tags, filled in where the input has none.
+
+    Untagged input is read as players read it: the BT.601 matrix below 720 lines, BT.709 from 720 up,
+    limited range (full for ``yuvj`` formats), BT.709 transfer, and the primaries that go with the matrix
+    (EBU for 576 lines, SMPTE 170M for other SD sizes). The output is tagged with all four, so that no
+    player has to guess. ``tagged`` says whether the input gave its matrix.
+
+    ``mastering_display`` (in x265's ``master-display`` syntax) and ``content_light`` (MaxCLL, MaxFALL)
+    are the HDR metadata of the input's first frame, or None.
+    """
+
+    matrix: int
+    primaries: int
+    transfer: int
+    full_range: bool
+    tagged: bool
+    mastering_display: str | None = None
+    content_light: tuple[int, int] | None = None
+
+    @staticmethod
+    def resolve(
+        matrix: int, primaries: int, transfer: int, colour_range: int, height: int, pix_fmt: str = ""
+    ) -> VideoColour:
+        tagged = matrix in _SWS_MATRIX
+        if not tagged:
+            matrix = _SPC_SMPTE170M if height < 720 else _SPC_BT709
+        if primaries in _UNKNOWN:
+            if matrix == _SPC_BT709:
+                primaries = _PRI_BT709
+            elif matrix in (_SPC_BT2020_NCL, 10):
+                primaries = _PRI_BT2020
+            else:
+                primaries = _PRI_BT470BG if height == 576 else _PRI_SMPTE170M
+        if transfer in _UNKNOWN:
+            transfer = _TRC_BT709
+        if colour_range in (_RANGE_MPEG, _RANGE_JPEG):
+            full = colour_range == _RANGE_JPEG
+        else:
+            full = pix_fmt.startswith("yuvj")
+        return VideoColour(matrix, primaries, transfer, full, tagged)
+
+    @property
+    def sws_matrix(self) -> Colorspace:
+        return _SWS_MATRIX.get(self.matrix, Colorspace.ITU709)
+
+    @property
+    def sws_range(self) -> ColorRange:
+        return ColorRange.JPEG if self.full_range else ColorRange.MPEG
+
+
+def _mastering_display(data: bytes) -> str | None:
+    """AVMasteringDisplayMetadata (R, G, B, white point, min and max luminance) → x265's syntax."""
+    if len(data) < 88:
+        return None
+    v = struct.unpack("<22i", data[:88])
+    if not (v[20] and v[21]) or any(d == 0 for d in v[1:20:2]):
+        return None
+
+    def chroma(i: int) -> str:  # x and y of a point, in units of 0.00002
+        return f"{round(v[i] / v[i + 1] * 50000)},{round(v[i + 2] / v[i + 3] * 50000)}"
+
+    max_lum, min_lum = round(v[18] / v[19] * 10000), round(v[16] / v[17] * 10000)
+    return f"G({chroma(4)})B({chroma(8)})R({chroma(0)})WP({chroma(12)})L({max_lum},{min_lum})"
+
+
+# swscale's default YUV↔RGB path rounds coarsely and reuses each chroma sample for two pixels: flat
+# colours came back up to 3 levels off. Exact rounding and full chroma interpolation: within 1.
+_TO_RGB = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
+_FROM_RGB = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INP
+
+# ------------------------------------------------------------------------------------------ orientation
+
+# numpy versions of FFmpeg's transpose/flip filters, which its autorotation inserts.
+_ORIENT_OPS = {
+    "clock": lambda a: np.rot90(a, -1),
+    "cclock": lambda a: np.rot90(a, 1),
+    "cclock_flip": lambda a: a.transpose(1, 0, 2),
+    "clock_flip": lambda a: np.rot90(a, -1)[::-1],
+    "hflip": lambda a: a[:, ::-1],
+    "vflip": lambda a: a[::-1],
+}
+
+
+def _display_ops(matrix: tuple[int, ...]) -> tuple[list[str], float]:
+    """The filters that show a frame as its display matrix says (as FFmpeg's autorotation picks them).
+
+    Returns the operations and the counter-clockwise angle; None for the operations when the angle is
+    not a multiple of 90°.
+    """
+    s0, s1 = math.hypot(matrix[0], matrix[3]), math.hypot(matrix[1], matrix[4])
+    if s0 == 0 or s1 == 0:
+        return [], 0.0
+    angle = -math.degrees(math.atan2(matrix[1] / s1, matrix[0] / s0))  # av_display_rotation_get
+    theta = -round(angle)  # clockwise
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+    if abs(theta - 90) < 1:
+        ops = ["cclock_flip"] if matrix[3] > 0 else ["clock"]
+    elif abs(theta - 180) < 1:
+        ops = (["hflip"] if matrix[0] < 0 else []) + (["vflip"] if matrix[4] < 0 else [])
+    elif abs(theta - 270) < 1:
+        ops = ["clock_flip"] if matrix[3] < 0 else ["cclock"]
+    elif abs(theta) < 1 or abs(theta - 360) < 1:
+        ops = ["vflip"] if matrix[4] < 0 else []
+    else:
+        return None, angle  # type: ignore[return-value]
+    return ops, angle
+
+
+def _png_header(path: Path) -> tuple[int, int] | None:
+    """(bit depth, colour type) of a PNG file, None for other files."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return None
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
+
+
+def _read_png16(path: Path) -> np.ndarray:
+    """A 16-bit PNG (gray or colour) as uint16 RGB; PIL would cut colour ones to 8 bits."""
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0))
+        return frame.to_ndarray(format="rgb48le")
+
+
 # ------------------------------------------------------------------------------------------ reading
 
 
 class FrameSource:
     """Frames of a video file or an image folder, decoded one at a time.
 
-    Iterate it (possibly several times: each pass starts from the first frame) to get ``uint8`` arrays of
-    shape ``(height, width, 3)`` in RGB order. Use it as a context manager, or call :meth:`close`, to stop
-    unfinished passes.
+    Iterate it (possibly several times: each pass starts from the first frame) to get arrays of shape
+    ``(height, width, 3)`` in RGB order, of :attr:`dtype`: ``uint8``, or with ``native_depth=True`` and an
+    input deeper than 8 bits, ``uint16`` with full scale 65535. Use it as a context manager, or call
+    :meth:`close`, to stop unfinished passes.
+
+    Video frames are converted to RGB with the input's matrix and range (:attr:`colour`), and turned upright
+    as the stream's display matrix says (:attr:`rotation`), so they look as a player shows them.
 
     Attributes:
         path: the input path.
         is_video: True for a video file, False for an image folder.
-        width, height: frame size in pixels.
+        width, height: frame size in pixels, as displayed (after rotation).
+        bit_depth: bits per channel of the input (8, 10, 12, 16).
+        dtype: ``np.uint8`` or ``np.uint16``, the frames' array type.
+        is_gray: the folder's first image is grayscale (always False for videos).
+        colour: the video's :class:`VideoColour`; None for image folders (sRGB).
+        rotation: counter-clockwise degrees by which the stored frames are turned for display (0 if none).
+        stream: which video stream is read (0 for the first), None for folders.
         fps: frame rate as a :class:`~fractions.Fraction` (the stream's guessed rate); None for image folders.
         num_frames: number of frames: the number of video packets for videos (exact for intact files unless
             the codec drops some), the number of images for folders.
@@ -181,16 +362,37 @@ class FrameSource:
     timestamps: np.ndarray | None
     image_paths: list[Path] | None
     allow_corrupt: bool
+    bit_depth: int
+    dtype: type
+    is_gray: bool
+    colour: VideoColour | None
+    rotation: float
+    stream: int | None
 
-    def __init__(self, path: str | os.PathLike[str], *, allow_corrupt: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        allow_corrupt: bool = False,
+        stream: int | None = None,
+        native_depth: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.allow_corrupt = allow_corrupt
+        self.stream = stream
+        self.native_depth = native_depth
+        self.bit_depth = 8
+        self.is_gray = False
+        self.colour = None
+        self.rotation = 0.0
+        self._orient_ops: list[str] = []
         self.fps = None
         self.num_frames = None
         self.time_base = None
         self.timestamps = None
         self.image_paths = None
         self._stream_index = 0
+        self._stored_size = (0, 0)  # (width, height) of the decoded frames before rotation
         self._passes: list[Iterator[tuple[np.ndarray, int | None]]] = []
         if not self.path.exists():
             raise VsrkitError(f"input not found: {self.path}")
@@ -200,6 +402,7 @@ class FrameSource:
         else:
             self.is_video = True
             self._probe_video()
+        self.dtype = np.uint16 if native_depth and self.bit_depth > 8 else np.uint8
 
     # -- probing
 
@@ -221,10 +424,14 @@ class FrameSource:
             raise VsrkitError(f"no images ({exts}) in folder {self.path}")
         self.image_paths = [self.path / name for name in sorted(names, key=_natural_key)]
         size = None
-        for image_path in self.image_paths:
+        for number, image_path in enumerate(self.image_paths):
             try:
                 with Image.open(image_path) as image:
                     this = image.size
+                    if number == 0:
+                        self.is_gray = image.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L")
+                        header = _png_header(image_path)
+                        self.bit_depth = 16 if header is not None and header[0] == 16 else 8
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 raise VsrkitError(f"cannot read image {image_path}: {_av_reason(exc)}") from exc
             if size is None:
@@ -253,18 +460,97 @@ class FrameSource:
                 if not container.streams:
                     raise VsrkitError(f"no streams in {self.path} (not a video, or truncated)")
                 raise VsrkitError(f"no video stream in {self.path}")
-            stream = container.streams.video[0]
+            stream = self._choose_stream(list(container.streams.video))
             self._stream_index = stream.index
             codec = stream.codec_context
             self.width, self.height = int(codec.width), int(codec.height)
             if self.width <= 0 or self.height <= 0:
                 raise VsrkitError(f"video stream of {self.path} has no frame size (unsupported or damaged)")
+            self._stored_size = (self.width, self.height)
             rate = stream.guessed_rate or stream.average_rate or stream.base_rate
             self.fps = Fraction(rate) if rate else None
             self.time_base = Fraction(stream.time_base) if stream.time_base else None
             self._scan_packets(container, stream)
         finally:
             container.close()
+        self._probe_first_frame()
+
+    def _choose_stream(self, videos: list[av.VideoStream]) -> av.VideoStream:
+        """The video stream asked for (by its rank among the video streams), else the first picture one."""
+        count = len(videos)
+        if self.stream is not None:
+            if not 0 <= self.stream < count:
+                have = "1 video stream (0)" if count == 1 else f"{count} video streams (0 to {count - 1})"
+                raise VsrkitError(f"no video stream {self.stream} in {self.path}: it has {have}")
+            chosen = self.stream
+        else:
+            # Cover art is stored as a one-picture video stream; it is not the video.
+            pictures = [
+                n for n, v in enumerate(videos) if not v.disposition & av.stream.Disposition.attached_pic
+            ]
+            chosen = pictures[0] if pictures else 0
+        self.stream = chosen
+        if count > 1:
+            described = ", ".join(
+                f"{n}: {v.codec_context.name} {v.codec_context.width}x{v.codec_context.height}"
+                for n, v in enumerate(videos)
+            )
+            _warn(
+                f"{self.path} has {count} video streams ({described}); upscaling stream {chosen} "
+                "(choose another with --stream N)"
+            )
+        return videos[chosen]
+
+    def _probe_first_frame(self) -> None:
+        """Colour tags, depth, HDR metadata and display matrix, from the stream and its first frame."""
+        container = self._open_container()
+        try:
+            stream = container.streams[self._stream_index]
+            codec = stream.codec_context
+            pix_fmt = codec.format.name if codec.format is not None else ""
+            tags = (codec.colorspace, codec.color_primaries, codec.color_trc, codec.color_range)
+            frame = None
+            try:
+                for packet in container.demux(stream):
+                    frames = packet.decode()
+                    if frames:
+                        frame = frames[0]
+                        break
+            except av.error.FFmpegError:
+                pass  # damage is reported when the frames are read
+        finally:
+            container.close()
+        mastering = light = None
+        if frame is not None:
+            pix_fmt = frame.format.name
+            # A frame's own tags win: some containers carry none and leave them to the bitstream.
+            own = (frame.colorspace, frame.color_primaries, frame.color_trc, frame.color_range)
+            unspecified = (2, 2, 2, 0)
+            tags = tuple(o if o != u else t for o, u, t in zip(own, unspecified, tags, strict=True))
+            for side in frame.side_data:
+                if side.type == SideDataType.MASTERING_DISPLAY_METADATA:
+                    mastering = _mastering_display(bytes(side))
+                elif side.type == SideDataType.CONTENT_LIGHT_LEVEL and len(bytes(side)) >= 8:
+                    light = struct.unpack("<2I", bytes(side)[:8])
+                elif side.type == SideDataType.DISPLAYMATRIX and len(bytes(side)) >= 36:
+                    self._set_orientation(struct.unpack("<9i", bytes(side)[:36]))
+        colour = VideoColour.resolve(*tags, height=self._stored_size[1], pix_fmt=pix_fmt)
+        self.colour = replace(colour, mastering_display=mastering, content_light=light)
+        if pix_fmt:
+            try:
+                self.bit_depth = max(c.bits for c in av.VideoFormat(pix_fmt).components)
+            except (ValueError, av.error.FFmpegError):
+                pass
+
+    def _set_orientation(self, matrix: tuple[int, ...]) -> None:
+        ops, angle = _display_ops(matrix)
+        if ops is None:
+            _warn(f"{self.path}: the video is to be shown rotated by {angle:.0f}°; frames are used as stored")
+            return
+        self._orient_ops = ops
+        self.rotation = angle
+        if any("clock" in op for op in ops):
+            self.width, self.height = self._stored_size[1], self._stored_size[0]
 
     def _scan_packets(self, container: av.container.InputContainer, stream: av.VideoStream) -> None:
         """Demux (no decoding) the video packets: count them, collect timestamps, look for truncation."""
@@ -359,9 +645,17 @@ class FrameSource:
         assert self.image_paths is not None
         for image_path in self.image_paths:
             try:
-                with Image.open(image_path) as image:
-                    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                header = _png_header(image_path)
+                if header is not None and header[0] == 16:
+                    array = _read_png16(image_path)
+                    if self.dtype == np.uint8:
+                        array = ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
+                else:
+                    with Image.open(image_path) as image:
+                        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+                    if self.dtype == np.uint16:
+                        array = array.astype(np.uint16) * 257
+            except (OSError, ValueError, Image.DecompressionBombError, av.error.FFmpegError) as exc:
                 raise VsrkitError(f"cannot read image {image_path}: {_av_reason(exc)}") from exc
             if array.shape != (self.height, self.width, 3):
                 raise VsrkitError(f"image {image_path} changed size while reading")
@@ -373,6 +667,9 @@ class FrameSource:
         skipped_packets = 0
         concealed = 0
         size_warned = False
+        rgb_format = "rgb48le" if self.dtype == np.uint16 else "rgb24"
+        colour = self.colour
+        assert colour is not None
         try:
             stream = container.streams[self._stream_index]
             stream.thread_type = "AUTO"
@@ -407,13 +704,26 @@ class FrameSource:
                         if not self.allow_corrupt:
                             raise VsrkitError(f"{self.path} is corrupt: frame {produced} is damaged")
                         concealed += 1
-                    if (frame.width, frame.height) != (self.width, self.height) and not size_warned:
+                    width, height = self._stored_size
+                    if (frame.width, frame.height) != (width, height) and not size_warned:
                         size_warned = True
                         _warn(
                             f"{self.path}: frame size changes to {frame.width}x{frame.height} at frame "
-                            f"{produced}; scaling to {self.width}x{self.height}"
+                            f"{produced}; scaling to {width}x{height}"
                         )
-                    array = frame.to_ndarray(format="rgb24", width=self.width, height=self.height)
+                    array = frame.to_ndarray(
+                        format=rgb_format,
+                        width=width,
+                        height=height,
+                        src_colorspace=colour.sws_matrix,
+                        src_color_range=colour.sws_range,
+                        dst_color_range=ColorRange.JPEG,
+                        interpolation=_TO_RGB,
+                    )
+                    for op in self._orient_ops:
+                        array = _ORIENT_OPS[op](array)
+                    if self._orient_ops:
+                        array = np.ascontiguousarray(array)
                     yield array, self.pts_of(produced)
                     produced += 1
         finally:
@@ -450,14 +760,24 @@ class FrameSource:
         )
 
 
-def open_frames(path: str | os.PathLike[str], *, allow_corrupt: bool = False) -> FrameSource:
+def open_frames(
+    path: str | os.PathLike[str],
+    *,
+    allow_corrupt: bool = False,
+    stream: int | None = None,
+    native_depth: bool = False,
+) -> FrameSource:
     """Open a video file or an image folder for streaming reading (see :class:`FrameSource`).
+
+    ``stream`` picks a video stream by its rank among the file's video streams (default: the first that is
+    not cover art; a warning names it when there are several). ``native_depth`` gives ``uint16`` frames for
+    inputs deeper than 8 bits instead of rounding them to ``uint8``.
 
     Raises :class:`~vsrkit.errors.VsrkitError` for a missing path, a file FFmpeg cannot read, a file without
     video stream or without frames, an empty folder, images of different sizes, and (unless
     ``allow_corrupt``) a truncated or corrupt file. Errors found while decoding are raised from the iteration.
     """
-    return FrameSource(path, allow_corrupt=allow_corrupt)
+    return FrameSource(path, allow_corrupt=allow_corrupt, stream=stream, native_depth=native_depth)
 
 
 def read_all_frames(path: str | os.PathLike[str], max_frames: int | None = None) -> np.ndarray:
@@ -507,13 +827,12 @@ class VideoWriter:
         fps: float | Fraction | None = None,
         codec: str | None = None,
         crf: int | None = 18,
-        pix_fmt: str = "yuv420p",
+        pix_fmt: str | None = None,
         overwrite: bool = False,
     ) -> None:
         self.path = Path(path)
         self.source = source
         self.crf = crf
-        self.pix_fmt = pix_fmt
         self.overwrite = overwrite
         self.frames_written = 0
         self._finished = False
@@ -553,8 +872,11 @@ class VideoWriter:
         if self.is_video:
             self.codec = self._choose_codec(codec)
             self.crf = check_crf(crf, self.codec)
+            self.pix_fmt = self._video_pix_fmt(pix_fmt)
         else:
             self.codec = None
+            self.pix_fmt = self._png_pix_fmt(pix_fmt)
+        self.colour = self._output_colour()
 
         self._check_destination()
         self._make_temp()
@@ -585,6 +907,54 @@ class VideoWriter:
         if canonical not in supported and codec not in supported:
             raise VsrkitError(f"the {self.path.suffix} container cannot hold {codec} video: {self.path}")
         return codec
+
+    def _deep_source(self) -> bool:
+        return self.source is not None and self.source.dtype == np.uint16
+
+    def _video_pix_fmt(self, pix_fmt: str | None) -> str:
+        assert self.codec is not None
+        formats = [f.name for f in (av.Codec(self.codec, "w").video_formats or ())]
+        if pix_fmt is not None:
+            if formats and pix_fmt not in formats:
+                raise VsrkitError(
+                    f"{self.codec} cannot encode pixel format {pix_fmt!r} (it can: {', '.join(formats)})"
+                )
+            return pix_fmt
+        bits = self.source.bit_depth if self._deep_source() else 8  # type: ignore[union-attr]
+        chosen, chosen_bits = "yuv420p", 8
+        for depth in (10, 12):
+            name = f"yuv420p{depth}le"
+            if depth <= bits and name in formats:
+                chosen, chosen_bits = name, depth
+        if chosen_bits < bits and self.source is not None and self.source.is_video:
+            _warn(
+                f"{self.path}: {self.codec} cannot encode {bits}-bit video here; writing {chosen_bits}-bit "
+                "(--codec and --pix-fmt choose another; libx265 encodes up to 12 bits)"
+            )
+        return chosen
+
+    def _png_pix_fmt(self, pix_fmt: str | None) -> str:
+        if pix_fmt is None:
+            gray = self.source is not None and self.source.is_gray
+            deep = self._deep_source()
+            return ("gray16be" if deep else "gray") if gray else ("rgb48be" if deep else "rgb24")
+        name = _PNG_FORMATS.get(pix_fmt)
+        if name is None:
+            raise VsrkitError(
+                f"PNG frames can be written as rgb24, rgb48, gray or gray16, not {pix_fmt!r} "
+                f"(output {self.path})"
+            )
+        return name
+
+    def _output_colour(self) -> VideoColour:
+        """The tags to write: the input video's (filled in as players guess), else BT.709 for images."""
+        if self.source is not None and self.source.colour is not None:
+            colour = self.source.colour
+        else:
+            colour = VideoColour(_SPC_BT709, _PRI_BT709, _TRC_BT709, False, False)
+        if self.is_video and av.VideoFormat(self.pix_fmt).is_rgb:
+            colour = replace(colour, matrix=_SPC_RGB, full_range=True)
+        return colour
 
     def _check_destination(self) -> None:
         path = self.path
@@ -625,17 +995,17 @@ class VideoWriter:
     # -- writing
 
     def write(self, frame: np.ndarray) -> None:
-        """Append one ``uint8`` RGB frame of shape ``(H, W, 3)``."""
+        """Append one RGB frame of shape ``(H, W, 3)``: ``uint8``, or ``uint16`` with full scale 65535."""
         if self._finished:
             raise RuntimeError("write() on a closed VideoWriter")
         if (
             not isinstance(frame, np.ndarray)
-            or frame.dtype != np.uint8
+            or frame.dtype not in (np.uint8, np.uint16)
             or frame.ndim != 3
             or frame.shape[2] != 3
         ):
             raise ValueError(
-                f"frames must be uint8 arrays of shape (H, W, 3); got "
+                f"frames must be uint8 or uint16 arrays of shape (H, W, 3); got "
                 f"{getattr(frame, 'dtype', type(frame))} {getattr(frame, 'shape', '')}"
             )
         if self._size is None:
@@ -657,9 +1027,20 @@ class VideoWriter:
         from PIL import Image
 
         assert self._tmp is not None
-        Image.fromarray(frame, mode="RGB").save(
-            self._tmp / f"{self.frames_written:08d}.png", compress_level=4
-        )
+        target = self._tmp / f"{self.frames_written:08d}.png"
+        deep = self.pix_fmt in ("rgb48be", "gray16be")
+        if deep and frame.dtype == np.uint8:
+            frame = frame.astype(np.uint16) * 257
+        elif not deep and frame.dtype == np.uint16:
+            frame = ((frame.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        if self.pix_fmt.startswith("gray"):
+            # The luma weights PIL's convert("L") uses; a gray input's channels are equal anyway.
+            luma = np.rint(frame.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
+            frame = np.clip(luma, 0, np.iinfo(frame.dtype).max).astype(frame.dtype)
+        if deep:
+            _write_png16(frame, target)
+        else:
+            Image.fromarray(frame, mode="L" if frame.ndim == 2 else "RGB").save(target, compress_level=4)
 
     def _start_video(self, height: int, width: int) -> None:
         assert self._tmp is not None and self.codec is not None
@@ -687,6 +1068,16 @@ class VideoWriter:
             options["crf"] = str(self.crf)
             if self.codec in ("libvpx-vp9", "libvpx"):
                 options["b"] = "0"
+        colour = self.colour
+        stream.codec_context.colorspace = colour.matrix
+        stream.codec_context.color_primaries = colour.primaries
+        stream.codec_context.color_trc = colour.transfer
+        stream.codec_context.color_range = _RANGE_JPEG if colour.full_range else _RANGE_MPEG
+        hdr = _hdr_params(self.codec, colour)
+        if hdr is not None:
+            options.update(hdr)
+        elif colour.mastering_display or colour.content_light:
+            _warn(f"{self.path}: {self.codec} cannot carry the input's HDR mastering and light metadata")
         stream.options = options
         if self.path.suffix.lower() == ".avi":
             # AVI stores no presentation timestamps: with B-frames, readers get frames in a shuffled timing.
@@ -708,7 +1099,16 @@ class VideoWriter:
         assert self._container is not None and self._video is not None
         if self._pad != (0, 0):
             frame = np.pad(frame, ((0, self._pad[0]), (0, self._pad[1]), (0, 0)), mode="edge")
-        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        rgb = av.VideoFrame.from_ndarray(
+            np.ascontiguousarray(frame), format="rgb48le" if frame.dtype == np.uint16 else "rgb24"
+        )
+        video_frame = rgb.reformat(
+            format=self.pix_fmt,
+            src_color_range=ColorRange.JPEG,
+            dst_colorspace=self.colour.sws_matrix,
+            dst_color_range=self.colour.sws_range,
+            interpolation=_FROM_RGB,
+        )
         if self._use_source_pts:
             assert self.source is not None
             video_frame.pts = self.source.pts_of(self.frames_written)
@@ -719,9 +1119,17 @@ class VideoWriter:
             video_frame.time_base = 1 / self.fps
             seconds = self.frames_written / self.fps
         for packet in self._video.encode(video_frame):
-            self._container.mux(packet)
+            self._mux_video(packet)
         if self._aux is not None:
             self._aux.copy_until(seconds)
+
+    def _mux_video(self, packet: av.Packet) -> None:
+        assert self._container is not None
+        if packet.dts is not None and packet.pts is not None and packet.dts > packet.pts:
+            # libx265 on clips shorter than its B-frame delay returns decode times from uninitialised
+            # memory (seen with 2 frames); a decode time after the presentation time is never valid.
+            packet.dts = packet.pts
+        self._container.mux(packet)
 
     # -- finishing
 
@@ -744,7 +1152,7 @@ class VideoWriter:
         assert self._container is not None and self._video is not None
         try:
             for packet in self._video.encode(None):
-                self._container.mux(packet)
+                self._mux_video(packet)
             if self._aux is not None:
                 source = self.source
                 assert source is not None
@@ -879,6 +1287,50 @@ class VideoWriter:
                 pass
 
 
+_PNG_FORMATS = {
+    "rgb24": "rgb24",
+    "rgb48": "rgb48be",
+    "rgb48be": "rgb48be",
+    "rgb48le": "rgb48be",
+    "gray": "gray",
+    "gray8": "gray",
+    "gray16": "gray16be",
+    "gray16be": "gray16be",
+    "gray16le": "gray16be",
+}
+
+
+def _write_png16(frame: np.ndarray, path: Path) -> None:
+    """A uint16 (H, W, 3) RGB or (H, W) gray array as a 16-bit PNG (PIL writes only 8-bit colour)."""
+    gray = frame.ndim == 2
+    picture = av.VideoFrame.from_ndarray(
+        np.ascontiguousarray(frame), format="gray16le" if gray else "rgb48le"
+    ).reformat(format="gray16be" if gray else "rgb48be")
+    encoder = av.CodecContext.create("png", "w")
+    encoder.width, encoder.height = frame.shape[1], frame.shape[0]
+    encoder.pix_fmt = picture.format.name
+    packets = list(encoder.encode(picture)) + list(encoder.encode(None))
+    with open(path, "wb") as f:
+        for packet in packets:
+            f.write(bytes(packet))
+
+
+def _hdr_params(codec: str, colour: VideoColour) -> dict[str, str] | None:
+    """Encoder options that write the HDR mastering-display and light-level SEI (x264 and x265 only)."""
+    if not (colour.mastering_display or colour.content_light):
+        return None
+    light = colour.content_light
+    if codec == "libx265":
+        parts = [f"master-display={colour.mastering_display}"] if colour.mastering_display else []
+        parts += [f"max-cll={light[0]},{light[1]}"] if light else []
+        return {"x265-params": ":".join(parts)}
+    if codec == "libx264":
+        parts = [f"mastering-display={colour.mastering_display}"] if colour.mastering_display else []
+        parts += [f"cll={light[0]},{light[1]}"] if light else []
+        return {"x264-params": ":".join(parts)}
+    return None
+
+
 def _format_for(path: Path) -> str | None:
     return {
         ".mkv": "matroska",
@@ -991,7 +1443,7 @@ def open_writer(
     fps: float | Fraction | None = None,
     codec: str | None = None,
     crf: int | None = 18,
-    pix_fmt: str = "yuv420p",
+    pix_fmt: str | None = None,
     overwrite: bool = False,
 ) -> VideoWriter:
     """Open an atomic writer for a video file or a PNG folder (see :class:`VideoWriter`).
@@ -1002,7 +1454,9 @@ def open_writer(
             reused.
         fps: constant output frame rate; None keeps the source's timing.
         codec: video encoder; None picks libx264 (libvpx-vp9 for WebM). ``crf`` applies to x264/x265/VPx/AV1.
-        pix_fmt: output pixel format.
+        pix_fmt: output pixel format. None: the source's depth, 8-bit ``yuv420p`` for 8-bit input and
+            ``yuv420p10le`` (12 where the encoder can) for deeper input read with ``native_depth``; for PNG
+            folders ``rgb24``/``rgb48`` or ``gray``/``gray16`` (gray input) likewise.
         overwrite: replace an existing output (a folder only if it holds nothing but PNG frames).
 
     Raises :class:`~vsrkit.errors.VsrkitError` at once if the output exists (without ``overwrite``), if its
