@@ -74,7 +74,8 @@ def _cgroup_free() -> int | None:
             limit_name, usage_name, cache_field = "memory.max", "memory.current", "inactive_file"
         elif "memory" in controllers.split(","):
             folders = [root / "memory" / rel, root / "memory"]
-            limit_name, usage_name, cache_field = "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"
+            limit_name, usage_name = "memory.limit_in_bytes", "memory.usage_in_bytes"
+            cache_field = "total_inactive_file"
         else:
             continue
         for folder in folders:
