@@ -210,7 +210,9 @@ def test_tiled_peak_does_not_grow_with_the_frame_size():
     # Four fp32 HR frames per uint8 HR frame's worth: the blend sum, weights, result, 8-bit.
     engine_small = small["peak"] - 4 * 4 * small["hr_frame_bytes"]
     engine_large = large["peak"] - 4 * 4 * large["hr_frame_bytes"]
-    print(f"peak 128²: {small['peak'] / 2**20:.0f} MB, 512²: {large['peak'] / 2**20:.0f} MB; "
-          f"without the HR frame: {engine_small / 2**20:.0f} / {engine_large / 2**20:.0f} MB")
+    print(
+        f"peak 128²: {small['peak'] / 2**20:.0f} MB, 512²: {large['peak'] / 2**20:.0f} MB; "
+        f"without the HR frame: {engine_small / 2**20:.0f} / {engine_large / 2**20:.0f} MB"
+    )
     assert engine_large <= 1.2 * engine_small + 32 * 2**20
     assert large["peak"] <= 600 * 2**20
