@@ -25,9 +25,19 @@ decomposition. The clip is processed in windows of ``window_frames`` frames that
 edge. The deviation from one pass is measured by ``tests/test_engine.py`` and
 ``benchmarks/memory.py``.
 
-**Tiles.** With ``tile=N`` each frame is cut into overlapping N×N LR tiles (at least the
-model's minimum size), each with its own recurrent state, processed in lockstep; outputs are
-blended with linear ramps across the overlaps, so there are no seams.
+**Tiles and memory.** With ``tile=N`` each frame is cut into overlapping N×N LR tiles (at
+least the model's minimum size, 64), each with its own recurrent state; outputs are blended
+with linear ramps across the overlaps, so there are no seams. Before anything large is
+allocated, :meth:`Upscaler.plan` estimates the peak from the model's own figures
+(``model.inference_memory``) and compares it with :func:`vsrkit.memory.available_memory`.
+``tile=None`` (the default) tiles only when the whole frame would not fit, choosing the largest
+tile that does; ``tile=0`` never tiles. Where nothing fits, the run is refused with one line.
+The tiles that fit the budget together run in lockstep, as one group. When all of them fit,
+frames stream as above. Otherwise each group runs over the whole clip in turn and adds its
+weighted HR outputs to a raw fp32 file in the temporary folder (12 bytes per HR pixel per
+frame: 4× the size of the uncompressed 8-bit output), from which a last pass emits the frames;
+memory is then one group plus one HR frame, whatever the frame size. The sums are taken in the
+same order as in lockstep, so the output is the same.
 
 **Precision and speed.** On the CPU the model is first prepared by
 :func:`vsrkit.accel.prepare_for_inference` (a copy: channels_last, for ``fp32`` NNPACK's
@@ -44,6 +54,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -57,12 +68,18 @@ from .accel import keep_freed_memory, prepare_for_inference, prepared_precision
 from .checks import DEVICE, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT, choice, integer
 from .errors import VsrkitError
 from .fsutil import disk_full_error, is_disk_full, make_spill_dir, remove_dead_spill
+from .memory import available_memory, format_mb
 from .models.iconvsr import pad_to_multiple
 from .ops import nnpack
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_TILE = 64
 _SPILL_HINT = "set TMPDIR to a folder with more room, or lower --state-disk-mb"
+# Automatic tiles are tried from this side down; an overlap must leave room for them.
+_max_tile_side = 4096
+# Beyond the model's figures, a run's first frames cost the thread pools, the allocator's
+# arenas and the spool's buffers: measured 130-190 MB in a fresh process.
+_RUN_OVERHEAD = 256 * 2**20
 # Frames are padded up to what the networks need (64 px for BasicVSR++'s flows), but a frame
 # under 8 px holds too little to upscale and is almost certainly a mistake.
 MIN_INPUT_SIDE = 8
@@ -107,7 +124,7 @@ def autocast_context(device: torch.device, precision: str) -> AbstractContextMan
 class EngineOptions:
     device: str | torch.device | None = "auto"
     precision: str = "fp32"
-    tile: int | None = None
+    tile: int | None = None  # None: only where the whole frame would not fit; 0: never
     tile_overlap: int = 16
     segment_frames: int = 32
     window_frames: int = 32
@@ -117,6 +134,7 @@ class EngineOptions:
     keep_freed_memory: bool = True
     state_disk_mb: float = 2048
     nnpack: bool | None = None  # CPU: NNPACK's Winograd/FFT convs (None: where available)
+    memory_limit_mb: float | None = None  # instead of the measured available memory
 
     def __post_init__(self) -> None:
         self.check()
@@ -319,6 +337,74 @@ class _Blender:
         return acc / norm
 
 
+class _HRSpool:
+    """Blended HR frames on disk: each frame's weighted sum of tile outputs, as raw fp32.
+
+    Groups of tiles add their outputs one after another, in tile order (the order of
+    :meth:`_Blender.join`, so the sums are the same); only the pages a group touches are mapped.
+    """
+
+    def __init__(
+        self,
+        spill: _SpillDir,
+        frames: int,
+        tiles: list[_Tile],
+        height: int,
+        width: int,
+        overlap: int,
+        scale: int,
+    ) -> None:
+        self.tiles, self.height, self.width, self.overlap, self.scale = tiles, height, width, overlap, scale
+        self.shape = (1, 3, height * scale, width * scale)
+        self.frame_bytes = 4 * int(np.prod(self.shape))
+        self.path = spill.path / "hr.f32"
+        with open(self.path, "wb") as f:
+            f.truncate(frames * self.frame_bytes)  # sparse: zeros until written
+
+    def _map(self, index: int, mode: str) -> np.memmap:
+        return np.memmap(self.path, np.float32, mode, offset=index * self.frame_bytes, shape=self.shape)
+
+    def weight(self, tile: _Tile) -> torch.Tensor:
+        # Computed per use: all tiles' weights together are as large as a few HR frames.
+        return _blend_weight(tile, self.height, self.width, self.overlap, self.scale)
+
+    def add(self, index: int, tiles: list[_Tile], outputs: list[torch.Tensor]) -> None:
+        mapped = self._map(index, "r+")
+        acc = torch.from_numpy(mapped)
+        for tile, out in zip(tiles, outputs, strict=True):
+            tile.crop(acc, self.scale).add_((out.float() * self.weight(tile).to(out.device)).cpu())
+        mapped.flush()
+        del acc, mapped
+
+    def norm(self) -> torch.Tensor:
+        norm = torch.zeros(*self.shape[2:])
+        for tile in self.tiles:
+            tile.crop(norm, self.scale).add_(self.weight(tile))
+        return norm
+
+    def frame(self, index: int, norm: torch.Tensor) -> torch.Tensor:
+        mapped = self._map(index, "r")
+        acc = torch.from_numpy(np.array(mapped))
+        del mapped
+        return acc.div_(norm)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """How a clip will be run: the tile size (None: whole frames), tiles per group, the estimate."""
+
+    tile: int | None
+    tiles: int
+    group: int
+    estimate: int
+    available: int
+    source: str
+
+    @property
+    def spooled(self) -> bool:
+        return self.group < self.tiles
+
+
 def tensor_to_frame(hr: torch.Tensor, dtype: np.dtype | type = np.uint8) -> np.ndarray:
     """(1, 3, H, W) float in [0, 1] → (H, W, 3) uint8 or uint16, rounded as the references quantise."""
     if np.dtype(dtype) == np.uint16:
@@ -359,11 +445,112 @@ class Upscaler:
         self.scale = 4 if getattr(model, "is_low_res_input", True) else 1
         self._progress: Callable[[int], None] | None = None
         self._frame_dtype: np.dtype | None = np.dtype(np.uint8)
+        tile, overlap = self.options.tile, self.options.tile_overlap
+        if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int)):
+            raise VsrkitError(f"--tile must be a whole number of pixels, got {tile!r}")
+        if tile is not None and tile != 0 and tile < MIN_TILE:
+            raise VsrkitError(
+                f"--tile must be 0 (off) or at least {MIN_TILE} (the models' minimum), got {tile}"
+            )
+        if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
+            raise VsrkitError(f"--tile-overlap must be a whole number ≥ 0, got {overlap!r}")
+        if tile and 2 * overlap >= tile:
+            raise VsrkitError(f"--tile-overlap must be less than half the tile ({tile}), got {overlap}")
+        if 2 * overlap >= _max_tile_side:
+            raise VsrkitError(f"--tile-overlap {overlap} is too large (at most {_max_tile_side // 2 - 1})")
 
     def progress_total(self, num_frames: int) -> int:
         """How many times ``run`` calls ``progress(1)`` for a clip: the backward pass counts too."""
         two_pass = self.arch in ("basicvsr", "iconvsr") and getattr(self.model, "bidirectional", True)
         return 2 * num_frames if two_pass else num_frames
+
+    # -- memory ---------------------------------------------------------------------------------
+    def _windowed(self) -> bool:
+        return self.arch == "basicvsr_pp"
+
+    def _tile_multiple(self) -> int:
+        if self._windowed():
+            return 4 if not getattr(self.model, "is_low_res_input", True) else 1
+        # IconVSR's PCD has two stride-2 levels: its frames are padded to multiples of 4.
+        return 4 if self.arch == "iconvsr" else 1
+
+    def estimate(
+        self, height: int, width: int, tile_height: int, tile_width: int, group: int, frames: int
+    ) -> int:
+        """Peak bytes for (height, width) LR frames with ``group`` tiles of the given size in lockstep."""
+        element_size = PRECISIONS[self.options.precision].itemsize
+        mem = self.model.inference_memory(tile_height, tile_width, element_size)
+        pixels = tile_height * tile_width
+        hr_tile = 3 * self.scale**2 * 4 * pixels  # one fp32 HR tile output
+        if self._windowed():
+            window = min(self.options.window_frames, frames)
+            # One tile's window forward at a time; every tile's HR outputs of the window kept.
+            per_tile = window * hr_tile
+            work = window * mem.frame_state + mem.step + 2 * window * 3 * 4 * pixels
+        else:
+            kept = (
+                min(self.options.segment_frames, frames) if getattr(self.model, "bidirectional", True) else 0
+            )
+            flows = 2 * (self.options.flow_batch + 1) * 2 * 4 * pixels
+            lq_cache = 18 * 3 * 4 * pixels
+            per_tile = (kept + 2) * mem.frame_state + mem.clip_state + hr_tile + flows + lq_cache
+            work = mem.step
+        # The HR frame: the blend's sum and weights, the result, the 8-bit frame and the
+        # writer's copy (four fp32 frames cover them), plus one whole LR frame in fp32.
+        frame = (4 * 3 * self.scale**2 * 4 + 12) * height * width
+        return _RUN_OVERHEAD + group * per_tile + work + frame
+
+    def plan(self, height: int, width: int, frames: int, notice: bool = True) -> RunPlan:
+        """Choose the tiling for (height, width) LR frames from the estimate and the memory available."""
+        available, source = available_memory(self.device, self.options.memory_limit_mb)
+        multiple = self._tile_multiple()
+        hp, wp = math.ceil(height / multiple) * multiple, math.ceil(width / multiple) * multiple
+        overlap = self.options.tile_overlap
+
+        def fit(tile: int | None) -> tuple[RunPlan | None, int]:
+            tiles = plan_tiles(hp, wp, tile, overlap, multiple)
+            th, tw = tiles[0].height, tiles[0].width
+            one = self.estimate(height, width, th, tw, 1, frames)
+            if one > available:
+                return None, one
+            per_tile = self.estimate(height, width, th, tw, 2, frames) - one
+            group = len(tiles) if per_tile <= 0 else min(len(tiles), 1 + (available - one) // per_tile)
+            est = self.estimate(height, width, th, tw, group, frames)
+            return RunPlan(tile, len(tiles), int(group), est, available, source), one
+
+        size = f"{width}×{height}"
+        have = f"{format_mb(available)} available ({source})"
+        option = self.options.tile
+        if option is not None:
+            run_plan, need = fit(option or None)
+            if run_plan is None:
+                how = "without tiles" if not option else f"in {option}×{option} tiles"
+                hint = "; leave out --tile 0 to tile automatically" if option == 0 else ""
+                raise VsrkitError(f"{size} frames need about {format_mb(need)} {how}; {have}{hint}")
+            return run_plan
+        whole, need_whole = fit(None)
+        need = need_whole
+        if whole is not None and not whole.spooled:
+            return whole
+        step = 32 * multiple if multiple > 1 else 32
+        largest = min(max(hp, wp), _max_tile_side)
+        for side in range(largest - largest % step, MIN_TILE - 1, -step):
+            if 2 * overlap >= side:
+                break
+            run_plan, need = fit(side)
+            if run_plan is not None:
+                if notice:
+                    how = f", {run_plan.group} of {run_plan.tiles} at a time" if run_plan.spooled else ""
+                    print(
+                        f"vsrkit: {size} frames need about {format_mb(need_whole)} whole; {have}: "
+                        f"upscaling in {side}×{side} tiles{how}",
+                        file=sys.stderr,
+                    )
+                return run_plan
+        raise VsrkitError(
+            f"{size} frames need about {format_mb(need_whole)} whole and {format_mb(need)} even in "
+            f"{MIN_TILE}×{MIN_TILE} tiles; {have}"
+        )
 
     def _autocast(self) -> AbstractContextManager:
         if prepared_precision(self.model) is not None:
@@ -372,7 +559,7 @@ class Upscaler:
             return nullcontext()
         return autocast_context(self.device, self.options.precision)
 
-    def _lq(self, spool: _FrameSpool, index: int) -> torch.Tensor:
+    def _lq(self, spool: _FrameSpool, index: int, box: _Tile | None = None) -> torch.Tensor:
         array = spool.read(index)
         if array.dtype == np.uint16:
             # Converted on the host: uint16 tensors lack most operations.
@@ -384,6 +571,9 @@ class Upscaler:
         if self.arch == "iconvsr":
             # PCD's two stride-2 levels need sides that are multiples of 4.
             lq = pad_to_multiple(lq.unsqueeze(1), 4)[:, 0]
+        if box is not None:
+            # A group's part only (a copy, so that the whole frame is freed).
+            lq = box.crop(lq).clone()
         return lq
 
     def _flow(self, ref: torch.Tensor, supp: torch.Tensor) -> torch.Tensor:
@@ -424,14 +614,16 @@ class Upscaler:
         spill = _SpillDir(self.options.tmp_dir)
         spool = None
         self._progress = progress
+        self._share = 1.0
         try:
             spool = _FrameSpool(spill, frames)
             self._frame_dtype = spool.dtype
+            run_plan = self.plan(*spool.shape[:2], len(spool))
             with torch.inference_mode():
-                if self.arch == "basicvsr_pp":
-                    steps = self._run_windows(spool)
+                if self._windowed():
+                    steps = self._run_windows(spool, spill, run_plan)
                 else:
-                    steps = self._run_recurrent(spool, spill)
+                    steps = self._run_tiled(spool, spill, run_plan)
                 for hr in steps:
                     yield hr
                     if progress is not None:
@@ -443,19 +635,49 @@ class Upscaler:
             nnpack.release_scratch()  # the NNPACK calls' scratch memory, kept between calls
 
     # -- BasicVSR / IconVSR: exact streaming -------------------------------------------------
-    def _run_recurrent(self, spool: _FrameSpool, spill: _SpillDir) -> Iterator[torch.Tensor]:
-        model, t = self.model, len(spool)
+    def _run_tiled(self, spool: _FrameSpool, spill: _SpillDir, run_plan: RunPlan) -> Iterator[torch.Tensor]:
+        """All tiles in lockstep where they fit; else group after group through an HR spool."""
         h0, w0 = spool.shape[:2]
+        multiple = self._tile_multiple()
+        hp, wp = math.ceil(h0 / multiple) * multiple, math.ceil(w0 / multiple) * multiple
+        overlap = self.options.tile_overlap
+        tiles = plan_tiles(hp, wp, run_plan.tile, overlap, multiple)
+        if not run_plan.spooled:
+            blender = _Blender(tiles, hp, wp, overlap, self.scale)
+            for outputs in self._run_recurrent(spool, spill, tiles):
+                yield blender.join(outputs)[..., : self.scale * h0, : self.scale * w0]
+            return
+        hr = _HRSpool(spill, len(spool), tiles, hp, wp, overlap, self.scale)
+        groups = [tiles[g : g + run_plan.group] for g in range(0, len(tiles), run_plan.group)]
+        self._share = 1 / len(groups)
+        for n, group in enumerate(groups):
+            top, left = min(t.top for t in group), min(t.left for t in group)
+            bottom = max(t.top + t.height for t in group)
+            right = max(t.left + t.width for t in group)
+            box = _Tile(top, left, bottom - top, right - left)
+            local = [_Tile(t.top - top, t.left - left, t.height, t.width) for t in group]
+            for i, outputs in enumerate(self._run_recurrent(spool, spill, local, box, f"g{n}_")):
+                hr.add(i, group, outputs)
+        norm = hr.norm()
+        for i in range(len(spool)):
+            yield hr.frame(i, norm)[..., : self.scale * h0, : self.scale * w0]
+
+    def _run_recurrent(
+        self,
+        spool: _FrameSpool,
+        spill: _SpillDir,
+        tiles: list[_Tile],
+        box: _Tile | None = None,
+        prefix: str = "",
+    ) -> Iterator[list[torch.Tensor]]:
+        """Each frame's HR tile outputs, for ``tiles`` of the part ``box`` of the frames."""
+        model, t = self.model, len(spool)
         iconvsr = self.arch == "iconvsr"
         if iconvsr and t < model.min_frames:
             raise VsrkitError(
                 f"IconVSR (temporal_padding={model.temporal_padding}) needs at least {model.min_frames} "
                 f"frames; the input has {t}"
             )
-        lq0 = self._lq(spool, 0)
-        hp, wp = lq0.shape[-2:]
-        tiles = plan_tiles(hp, wp, self.options.tile, self.options.tile_overlap, 4 if iconvsr else 1)
-        blender = _Blender(tiles, hp, wp, self.options.tile_overlap, self.scale)
         keys = set(model.keyframes(t)) if iconvsr else set()
         bidirectional = getattr(model, "bidirectional", True)
         k = self.options.segment_frames
@@ -478,10 +700,10 @@ class Upscaler:
                 return None
             if lq_window is None:
                 read = spill.pop if last_use else spill.get
-                return read(f"refill_{i}_{ti}", self.device)
+                return read(prefix + f"refill_{i}_{ti}", self.device)
             with self._autocast():
                 feat = keyframe_features[ti](i, lambda j: tiles[ti].crop(lq_window(j)))
-            spill.put(f"refill_{i}_{ti}", feat)
+            spill.put(prefix + f"refill_{i}_{ti}", feat)
             return feat
 
         def backward_step(lq, feat, flow, refill_feat, neighbour):
@@ -500,7 +722,7 @@ class Upscaler:
                 if j not in cache:
                     if len(cache) > 16:
                         cache.pop(max(cache))
-                    cache[j] = self._lq(spool, j)
+                    cache[j] = self._lq(spool, j, box)
                 return cache[j]
 
             feats: list[torch.Tensor | None] = [None] * len(tiles)
@@ -534,19 +756,19 @@ class Upscaler:
                             disk_used += frame_bytes * (i + 1 - start)
                     for ti in range(len(tiles)):
                         if start in stored:
-                            spill.put(f"backward_{i}_{ti}", feats[ti])
+                            spill.put(prefix + f"backward_{i}_{ti}", feats[ti])
                             continue
                         # Pass 2 recomputes this segment: it needs the flows, and the segment
                         # before it the state at this segment's start.
                         if lq_next is not None:
-                            spill.put(f"flow_{i}_{ti}", backward_flows[i][ti])
+                            spill.put(prefix + f"flow_{i}_{ti}", backward_flows[i][ti])
                         if i == start:
-                            spill.put(f"state_{i}_{ti}", feats[ti])
+                            spill.put(prefix + f"state_{i}_{ti}", feats[ti])
                 backward_flows.pop(i, None)
                 for j in [j for j in cache if j > i + 2 * getattr(model, "temporal_padding", 0) + 2]:
                     del cache[j]
                 if self._progress is not None:
-                    self._progress(1)
+                    self._progress(self._share)
             cache.clear()
 
         # Pass 2: segment by segment, recompute backward states, then forward and reconstruct.
@@ -557,7 +779,7 @@ class Upscaler:
             """``spynet(lq[i], lq[i-1])`` for tile ``ti``, computed ``flow_batch`` frames at a time."""
             if i not in forward_flows:
                 batch = list(range(i, min(i + self.options.flow_batch, t)))
-                lqs = {j: self._lq(spool, j) for j in range(i - 1, batch[-1] + 1)}
+                lqs = {j: self._lq(spool, j, box) for j in range(i - 1, batch[-1] + 1)}
                 pairs = [(tile.crop(lqs[j]), tile.crop(lqs[j - 1])) for j in batch for tile in tiles]
                 flat = self._flows(pairs)
                 for n_j, j in enumerate(batch):
@@ -572,7 +794,7 @@ class Upscaler:
                     states, kept = kept, {}
                 elif segment.start in stored:
                     states = {
-                        i: [spill.pop(f"backward_{i}_{ti}", self.device) for ti in range(len(tiles))]
+                        i: [spill.pop(prefix + f"backward_{i}_{ti}", self.device) for ti in range(len(tiles))]
                         for i in segment
                     }
                 else:
@@ -582,17 +804,17 @@ class Upscaler:
                     feats = [
                         None
                         if end >= t
-                        else spill.get(f"backward_{end}_{ti}", self.device)
+                        else spill.get(prefix + f"backward_{end}_{ti}", self.device)
                         if end in stored
-                        else spill.pop(f"state_{end}_{ti}", self.device)
+                        else spill.pop(prefix + f"state_{end}_{ti}", self.device)
                         for ti in range(len(tiles))
                     ]
-                    lq_next = self._lq(spool, end) if (end < t and image_alignment) else None
+                    lq_next = self._lq(spool, end, box) if (end < t and image_alignment) else None
                     for i in range(end - 1, segment.start - 1, -1):
-                        lq = self._lq(spool, i)
+                        lq = self._lq(spool, i, box)
                         states[i] = []
                         for ti, tile in enumerate(tiles):
-                            flow = spill.pop(f"flow_{i}_{ti}", self.device) if i < t - 1 else None
+                            flow = spill.pop(prefix + f"flow_{i}_{ti}", self.device) if i < t - 1 else None
                             neighbour = tile.crop(lq_next) if lq_next is not None else None
                             feats[ti] = backward_step(
                                 tile.crop(lq), feats[ti], flow, refill(i, ti), neighbour
@@ -600,7 +822,7 @@ class Upscaler:
                             states[i].append(feats[ti])
                         lq_next = lq if image_alignment else None
             for i in segment:
-                lq = self._lq(spool, i)
+                lq = self._lq(spool, i, box)
                 outputs = []
                 for ti, tile in enumerate(tiles):
                     lq_t = tile.crop(lq)
@@ -622,16 +844,18 @@ class Upscaler:
                 if bidirectional:
                     del states[i]
                 lq_prev = lq
-                yield blender.join(outputs)[..., : self.scale * h0, : self.scale * w0]
+                yield outputs
 
     # -- BasicVSR++: overlapping windows --------------------------------------------------------
-    def _run_windows(self, spool: _FrameSpool) -> Iterator[torch.Tensor]:
+    def _run_windows(self, spool: _FrameSpool, spill: _SpillDir, run_plan: RunPlan) -> Iterator[torch.Tensor]:
         t = len(spool)
         h0, w0 = spool.shape[:2]
         size, overlap = self.options.window_frames, self.options.window_overlap
         starts = _axis_starts(t, size, overlap)
-        multiple = 4 if not getattr(self.model, "is_low_res_input", True) else 1
-        tiles = plan_tiles(h0, w0, self.options.tile, self.options.tile_overlap, multiple)
+        tiles = plan_tiles(h0, w0, run_plan.tile, self.options.tile_overlap, self._tile_multiple())
+        if run_plan.spooled:
+            yield from self._run_windows_spooled(spool, spill, tiles, starts)
+            return
         blender = _Blender(tiles, h0, w0, self.options.tile_overlap, self.scale)
         # Each frame comes from the window whose centre is nearest to it.
         owner = [min(starts, key=lambda s: (abs(i - (s + (min(size, t) - 1) / 2)), s)) for i in range(t)]
@@ -648,6 +872,32 @@ class Upscaler:
                 yield blender.join([out[:, i - start] for out in per_tile])[
                     ..., : self.scale * h0, : self.scale * w0
                 ]
+
+    def _run_windows_spooled(
+        self, spool: _FrameSpool, spill: _SpillDir, tiles: list[_Tile], starts: list[int]
+    ) -> Iterator[torch.Tensor]:
+        """One tile's window at a time, its HR outputs added to a spool instead of kept."""
+        t = len(spool)
+        h0, w0 = spool.shape[:2]
+        size = self.options.window_frames
+        hr = _HRSpool(spill, t, tiles, h0, w0, self.options.tile_overlap, self.scale)
+        norm = hr.norm()
+        owner = [min(starts, key=lambda s: (abs(i - (s + (min(size, t) - 1) / 2)), s)) for i in range(t)]
+        for start in starts:
+            window = range(start, min(start + size, t))
+            frames = [i for i in window if owner[i] == start]
+            if not frames:
+                continue
+            for tile in tiles:
+                lqs = torch.stack([self._lq(spool, i, tile) for i in window], dim=1)
+                with self._autocast():
+                    out = self.model(lqs)
+                del lqs
+                for i in frames:
+                    hr.add(i, [tile], [out[:, i - start]])
+                del out
+            for i in frames:
+                yield hr.frame(i, norm)[..., : self.scale * h0, : self.scale * w0]
 
 
 def upscale_frames(

@@ -46,7 +46,7 @@ def upscale(
     weights: str | os.PathLike | None = None,
     device: str = "auto",
     precision: str = "fp32",
-    tile: int | None = None,
+    tile: int | None = None,  # None: only where needed; 0: never
     tile_overlap: int = 16,
     segment_frames: int = 32,
     state_disk_mb: float = 2048,

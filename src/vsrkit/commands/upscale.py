@@ -35,10 +35,19 @@ def add_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument(
-        "--tile", type=int, default=None, metavar="N", help="process N×N LR tiles (for large frames)"
+        "--tile",
+        type=int,
+        default=None,
+        metavar="N",
+        help="process N×N LR tiles (N ≥ 64); default: tiles only where a whole frame would not fit "
+        "in the memory available; 0: never tile",
     )
     p.add_argument(
-        "--tile-overlap", type=int, default=16, metavar="N", help="LR pixels shared by neighbouring tiles"
+        "--tile-overlap",
+        type=int,
+        default=16,
+        metavar="N",
+        help="LR pixels shared by neighbouring tiles (≥ 0, less than half the tile; default 16)",
     )
     p.add_argument(
         "--segment-frames",

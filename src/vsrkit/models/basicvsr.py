@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..memory import InferenceMemory
 from ..ops.warp import flow_warp
-from .blocks import ConvResidualBlocks, add_upsample_tail, conv_act, run_upsample_tail
+from .blocks import ConvResidualBlocks, add_upsample_tail, conv_act, run_upsample_tail, upsample_tail_memory
 from .spynet import SpyNet
 
 
@@ -83,6 +84,14 @@ class BasicVSR(nn.Module):
     @property
     def bidirectional(self) -> bool:
         return self.propagation == "bidirectional"
+
+    def inference_memory(self, height: int, width: int, element_size: int = 4) -> InferenceMemory:
+        """Memory of streaming one (height, width) LR tile (see :class:`InferenceMemory`)."""
+        pixels = height * width
+        c = self.mid_channels
+        # A step: trunk input (C + 6), its convs' outputs (2C), the warped state and the flow.
+        step = max((4 * c + 6) * element_size * pixels + 8 * pixels, upsample_tail_memory(height, width))
+        return InferenceMemory(step=step, frame_state=c * element_size * pixels)
 
     # -- steps ---------------------------------------------------------------------------
     def flows(self, lqs: torch.Tensor, direction: str) -> torch.Tensor:

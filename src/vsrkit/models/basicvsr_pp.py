@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..memory import InferenceMemory
 from ..ops.deform_conv import deform_conv2d_from_logits
 from ..ops.warp import flow_warp
 from .basicvsr import pairwise_flows
@@ -29,6 +30,7 @@ from .blocks import (
     conv_act,
     is_exporting,
     run_upsample_tail,
+    upsample_tail_memory,
 )
 from .iconvsr import pad_to_multiple
 from .spynet import SpyNet
@@ -124,6 +126,21 @@ class BasicVSRPlusPlus(nn.Module):
         )
         self.reconstruction = ConvResidualBlocks(5 * c, c, 5)
         add_upsample_tail(self, c)
+
+    def inference_memory(self, height: int, width: int, element_size: int = 4) -> InferenceMemory:
+        """Memory of a window forward on one (height, width) LR tile, per frame of the window."""
+        if not self.is_low_res_input:
+            height, width = max(height // 4, 1), max(width // 4, 1)
+        h, w = max(height, MIN_FLOW_SIZE), max(width, MIN_FLOW_SIZE)
+        pixels = h * w
+        c = self.mid_channels
+        # Kept per frame: the spatial feature and the four branches' outputs, two flows, and the
+        # HR output (in the list and in the stacked result).
+        frame_state = 5 * c * element_size * pixels + 4 * 4 * pixels + 2 * 48 * 4 * pixels
+        # A step: the deformable alignment's im2col (2C channels × 9 samples) and its offsets
+        # and masks (27 per deform group), or the ×4 tail.
+        dcn = (2 * c * 9 + 27 * 16 * 2 + 6 * c) * element_size * pixels
+        return InferenceMemory(step=max(dcn, upsample_tail_memory(h, w)), frame_state=frame_state)
 
     @staticmethod
     def is_mirror_extended(lqs: torch.Tensor) -> bool:

@@ -113,6 +113,18 @@ def add_upsample_tail(model: nn.Module, channels: int) -> None:
     model.conv_last = conv3x3(64, 3)
 
 
+# Floats per LR pixel live at the ×4 tail's peak: its convs run on 64 channels at 4H×4W (1024
+# floats per LR pixel each). Measured peaks (fresh process, first run, fp32 CPU; see
+# tests/test_memory_guard.py) were 16-23 kB per LR pixel: the conv's input, output and
+# workspace; six such maps cover them.
+TAIL_FLOATS_PER_PIXEL = 6 * 64 * 16
+
+
+def upsample_tail_memory(height: int, width: int) -> int:
+    """Bytes live at the tail's peak for an (height, width) LR input (the output is fp32)."""
+    return TAIL_FLOATS_PER_PIXEL * 4 * height * width
+
+
 def reorder_for_subpixel_last(conv: nn.Conv2d) -> None:
     """Reorder the output channels of a ×2 sub-pixel conv from (c, i, j) to (i, j, c).
 

@@ -19,9 +19,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..memory import InferenceMemory
 from ..ops.warp import flow_warp
 from .basicvsr import pairwise_flows, split_segments
-from .blocks import ConvResidualBlocks, add_upsample_tail, conv3x3, is_exporting, run_upsample_tail
+from .blocks import (
+    ConvResidualBlocks,
+    add_upsample_tail,
+    conv3x3,
+    is_exporting,
+    run_upsample_tail,
+    upsample_tail_memory,
+)
 from .edvr import EDVRFeatureExtractor
 from .spynet import SpyNet
 
@@ -101,6 +109,7 @@ class IconVSR(nn.Module):
         if temporal_padding not in _TEMPORAL_PAD:
             raise ValueError(f"temporal_padding must be 2 (REDS) or 3 (Vimeo-90K), got {temporal_padding}")
         self.mid_channels = mid_channels
+        self.edvr_channels = edvr_channels
         self.keyframe_stride = keyframe_stride
         self.temporal_padding = temporal_padding
         self.refill = refill
@@ -122,6 +131,21 @@ class IconVSR(nn.Module):
     def min_frames(self) -> int:
         """The EDVR-M window's end padding reads frame ``2p``: clips need ``2p + 1`` frames."""
         return 2 * self.temporal_padding + 1 if self.refill else 1
+
+    def inference_memory(self, height: int, width: int, element_size: int = 4) -> InferenceMemory:
+        """Memory of streaming one (height, width) LR tile (see :class:`InferenceMemory`)."""
+        pixels = height * width
+        c, e = self.mid_channels, self.edvr_channels
+        trunk = (6 * c + 6) * element_size * pixels + 8 * pixels
+        # EDVR-M at a keyframe: PCD's deformable convs (9 samples per channel) and TSA's stack of
+        # 2p+1 aligned features; measured at about 66 maps of edvr_channels at 64 channels.
+        edvr = 70 * e * element_size * pixels if self.refill else 0
+        step = max(trunk, edvr + upsample_tail_memory(height, width))
+        # Kept for the pass: the frame pyramids of a keyframe window (levels 1 + 1/4 + 1/16) and
+        # the refill features in flight.
+        windows = (2 * self.temporal_padding + 1 + self.keyframe_stride) if self.refill else 0
+        clip_state = int(windows * e * element_size * pixels * 1.34) + (2 * e * element_size * pixels)
+        return InferenceMemory(step=step, frame_state=c * element_size * pixels, clip_state=clip_state)
 
     # -- steps ---------------------------------------------------------------------------
     def flows(self, lqs: torch.Tensor, direction: str) -> torch.Tensor:
