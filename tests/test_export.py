@@ -18,6 +18,7 @@ import torch
 
 import vsrkit
 from vsrkit.cli import main
+from vsrkit.errors import VsrkitError
 from vsrkit.export import file_sha256
 from vsrkit.models import MODELS, BasicVSRPlusPlus, model_config
 from vsrkit.ops import deform_conv as dc
@@ -200,12 +201,16 @@ def test_bad_set_is_one_line(setting, message, tiny_weights, tmp_path, capsys):
 
 
 def test_leftovers_of_a_killed_export_are_removed(tmp_path):
-    from vsrkit.export import _remove_leftovers
+    from vsrkit.export import export_onnx
+    from vsrkit.fsutil import owner_tag
 
+    host = owner_tag().split("-")[1]
     out = tmp_path / "m.onnx"
-    dead = tmp_path / f".m.onnx.{2**22 + 12345}.0badc0de.partial"  # above Linux's pid_max default
+    out.write_bytes(b"a user's file")
+    dead = tmp_path / f".m.partial-{2**22 + 12345}-{host}-0badc0de.onnx"  # above Linux's pid_max default
     dead.write_bytes(b"partial")
     other = tmp_path / ".other.onnx.1.0badc0de.partial"
     other.write_bytes(b"not ours")
-    _remove_leftovers(out)
-    assert not dead.exists() and other.exists()
+    with pytest.raises(VsrkitError, match="exists"):
+        export_onnx(vsrkit.create_model("basicvsr", mid_channels=8, num_blocks=1), out)
+    assert not dead.exists() and other.exists() and out.read_bytes() == b"a user's file"

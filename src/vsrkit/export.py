@@ -21,13 +21,10 @@ onnx, onnxscript and onnxruntime come with ``pip install 'vsrkit[onnx]'``.
 from __future__ import annotations
 
 import copy
-import errno
 import hashlib
 import importlib
 import json
 import os
-import re
-import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +33,7 @@ import torch
 from torch import nn
 
 from .errors import VsrkitError
+from .fsutil import make_temp_file, put_in_place, remove_dead_leftovers
 
 DEFORM_CONV_CHOICES = ("native", "decomposed")
 DEFAULT_OPSET = 19
@@ -102,8 +100,8 @@ def export_onnx(
     min_frames = getattr(model, "min_frames", 1)
     if frames < min_frames:
         raise VsrkitError(f"{model.arch} needs at least {min_frames} frames, got --frames {frames}")
+    remove_dead_leftovers(output.parent)
     check_destination(output, overwrite)
-    _remove_leftovers(output)
 
     # A float32 CPU copy: the caller's model keeps its device, dtype and mode.
     model = copy.deepcopy(model).cpu().float().eval()
@@ -124,7 +122,7 @@ def export_onnx(
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
 
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+    tmp = make_temp_file(output.parent, output.stem, output.suffix)
     try:
         import onnx
 
@@ -265,37 +263,6 @@ def _put_in_place(tmp: Path, output: Path, overwrite: bool) -> None:
         os.replace(tmp, output)
         return
     try:
-        # link() fails if the name exists: nothing that appeared during the export is replaced.
-        os.link(tmp, output)
+        put_in_place(tmp, output)
     except FileExistsError:
         raise VsrkitError(f"{output} appeared during the export; not replaced (pass --overwrite)") from None
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-            raise
-        # File systems without hard links: the check and the rename are not one step.
-        if output.exists():
-            raise VsrkitError(
-                f"{output} appeared during the export; not replaced (pass --overwrite)"
-            ) from None
-        os.rename(tmp, output)
-
-
-def _remove_leftovers(output: Path) -> None:
-    """Delete temp files of earlier exports to ``output`` whose process is gone (killed runs)."""
-    pattern = re.compile(rf"^\.{re.escape(output.name)}\.(\d+)\.[0-9a-f]+\.partial$")
-    for candidate in output.parent.glob(f".{output.name}.*.partial"):
-        match = pattern.match(candidate.name)
-        if match and not _process_alive(int(match.group(1))):
-            candidate.unlink(missing_ok=True)
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
