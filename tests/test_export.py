@@ -20,7 +20,8 @@ import vsrkit
 from vsrkit.cli import main
 from vsrkit.errors import VsrkitError
 from vsrkit.export import file_sha256
-from vsrkit.models import MODELS, BasicVSRPlusPlus, model_config
+from vsrkit.models import MODELS, model_config
+from vsrkit.models.basicvsr_pp import BasicVSRPlusPlus
 from vsrkit.ops import deform_conv as dc
 from vsrkit.weights import save_vsrkit
 

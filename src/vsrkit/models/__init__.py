@@ -1,27 +1,52 @@
-"""The three recurrent VSR networks and :func:`create_model`.
+"""The recurrent VSR networks, their registry and :func:`build_model`.
 
-One family per file: ``basicvsr.py``, ``iconvsr.py`` (with ``edvr.py``), ``basicvsr_pp.py``;
-``spynet.py`` and ``blocks.py`` hold what they share.
+One family per file, each registering itself (:mod:`vsrkit.models.registry`) at import;
+:func:`load_families` imports every module of this package. ``base.py`` holds the interface
+every family implements; ``spynet.py``, ``edvr.py`` and ``blocks.py`` hold shared parts.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from torch import nn
 
 from ..checks import BOOLEAN, TEXT, Check, integer, nearest_key, number
 from ..errors import VsrkitError
-from .basicvsr import BasicVSR
-from .basicvsr_pp import BasicVSRPlusPlus
-from .iconvsr import IconVSR
+from .base import StepInput, VSRModel
+from .registry import Family, default_family, families, get_family
 
-MODELS: dict[str, type[nn.Module]] = {
-    "basicvsr": BasicVSR,
-    "iconvsr": IconVSR,
-    "basicvsr_pp": BasicVSRPlusPlus,
-}
+_loaded = False
+
+
+def load_families() -> None:
+    """Import every module of this package, so that each family registers itself."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+class _Builders(Mapping[str, type[nn.Module]]):
+    """The builders of the registered families, by name (read-only)."""
+
+    def __getitem__(self, name: str) -> type[nn.Module]:
+        return families()[name].builder
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(families())
+
+    def __len__(self) -> int:
+        return len(families())
+
+
+MODELS: Mapping[str, type[nn.Module]] = _Builders()
 
 
 # Bounds of the builders' whole-number options, by name. Beyond them a config is a mistake (or a
@@ -79,9 +104,7 @@ def model_config(arch: str, *, source: str = "", section: str = "", **overrides:
 
 
 def _model_class(arch: str) -> type[nn.Module]:
-    if arch not in MODELS:
-        raise VsrkitError(f"unknown architecture {arch!r} (choose from {', '.join(MODELS)})")
-    return MODELS[arch]
+    return get_family(arch).builder
 
 
 def build_model(arch: str, **config: Any) -> nn.Module:
@@ -89,11 +112,23 @@ def build_model(arch: str, **config: Any) -> nn.Module:
 
     The model carries ``.arch`` and ``.config`` so that it can be saved and rebuilt.
     """
-    full = model_config(arch, **config)
-    model = _model_class(arch)(**full)
-    model.arch = arch
+    family = get_family(arch)
+    full = model_config(family.name, **config)
+    model = family.builder(**full)
+    model.arch = family.name
     model.config = full
     return model
 
 
-__all__ = ["MODELS", "BasicVSR", "BasicVSRPlusPlus", "IconVSR", "build_model", "model_config"]
+__all__ = [
+    "MODELS",
+    "Family",
+    "StepInput",
+    "VSRModel",
+    "build_model",
+    "default_family",
+    "families",
+    "get_family",
+    "load_families",
+    "model_config",
+]

@@ -21,6 +21,7 @@ from torch import nn
 from ..memory import InferenceMemory
 from ..ops.warp import flow_warp
 from .blocks import ConvResidualBlocks, add_upsample_tail, conv_act, run_upsample_tail, upsample_tail_memory
+from .registry import Family, register
 from .spynet import SpyNet
 
 
@@ -184,3 +185,10 @@ class BasicVSR(nn.Module):
             feat = self.forward_step(lqs[:, i], feat, flow, neighbour)
             outputs.append(self.reconstruct(lqs[:, i], feat, backward_feats[i]))
         return torch.stack(outputs, dim=1)
+
+
+FAMILY = register(
+    Family(
+        name="basicvsr", title="BasicVSR", builder=BasicVSR, is_default=True, default_weights="basicvsr_reds4"
+    )
+)

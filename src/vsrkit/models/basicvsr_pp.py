@@ -33,6 +33,7 @@ from .blocks import (
     upsample_tail_memory,
 )
 from .iconvsr import pad_to_multiple
+from .registry import Family, register
 from .spynet import SpyNet
 
 BRANCHES = ("backward_1", "forward_1", "backward_2", "forward_2")
@@ -234,3 +235,14 @@ class BasicVSRPlusPlus(nn.Module):
         out = torch.stack(outputs, dim=1)
         scale = 4 if self.is_low_res_input else 1
         return out[..., : scale * h, : scale * w]
+
+
+FAMILY = register(
+    Family(
+        name="basicvsr_pp",
+        title="BasicVSR++",
+        builder=BasicVSRPlusPlus,
+        default_weights="basicvsr_pp_reds4",
+        aliases=("basicvsrpp", "basicvsr++"),
+    )
+)

@@ -31,6 +31,7 @@ from .blocks import (
     upsample_tail_memory,
 )
 from .edvr import EDVRFeatureExtractor
+from .registry import Family, register
 from .spynet import SpyNet
 
 # The references pad the EDVR-M window at the clip ends with these frames (not a mirror).
@@ -290,3 +291,6 @@ class KeyframeFeatures:
         done = self._position.get(key, -1)
         self._pyramids = {j: p for j, p in self._pyramids.items() if self._last_use.get(j, -1) > done}
         return feature
+
+
+FAMILY = register(Family(name="iconvsr", title="IconVSR", builder=IconVSR, default_weights="iconvsr_reds4"))
