@@ -31,7 +31,7 @@ import socket
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import VsrkitError
@@ -343,3 +343,43 @@ def deferred_signals() -> Iterator[None]:
             signal.signal(signum, handler)
         if pending:
             signal.raise_signal(pending[0])
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object], *, replace: bool = True) -> None:
+    """Call ``write(tmp_path)``, fsync, then move the file to ``path``: readers never see a partial file.
+
+    The temporary file, ``.NAME.partial-PID-HOST-XXXXXXXX`` beside ``path`` (:mod:`vsrkit.fsutil`), is
+    removed on any exception; those left by killed processes are removed by the next call in that
+    folder. ``replace=False`` never replaces an existing ``path``, even one that appeared while writing:
+    :class:`FileExistsError`. A full disk or quota raises :class:`~vsrkit.fsutil.DiskFullError` (a
+    one-line :class:`VsrkitError` that is also an ``OSError``) naming ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_leftovers(path.parent)
+    try:
+        tmp = make_temp_file(path.parent, path.name)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(exc, path) from None
+        raise
+    try:
+        write(str(tmp))
+        # mkstemp makes the file private (0600), and so do some writers (safetensors replaces the file it is
+        # given with its own); give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            put_in_place(tmp, path)
+    except BaseException as exc:
+        # Judged before the partial file is removed: removing it frees the space that ran out.
+        full = not isinstance(exc, VsrkitError) and is_disk_full(exc, path.parent)
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise disk_full_error(exc, path) from None
+        raise

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, NamedTuple
 
+from vsrkit.cache import cache_dir
 from vsrkit.errors import VsrkitError
 
 __all__ = [
@@ -508,14 +509,6 @@ def get_entry(name: str) -> WeightsEntry:
 # --------------------------------------------------------------------------------------------
 # Cache
 # --------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """``$VSRKIT_HOME`` if set, else ``~/.cache/vsrkit``. Checkpoints live in ``checkpoints/``."""
-    home = os.environ.get("VSRKIT_HOME")
-    if home:
-        return Path(home).expanduser()
-    return Path.home() / ".cache" / "vsrkit"
 
 
 def checkpoint_path(entry: WeightsEntry | str) -> Path:

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import VsrkitError
-from .fsutil import disk_full_error, is_disk_full, make_temp_file, put_in_place, remove_dead_leftovers
+from .fsutil import atomic_write
 
 VSRKIT_FORMAT = "vsrkit-1"
 _SPYNET_CONST = {"spynet.mean", "spynet.std"}
@@ -309,46 +308,6 @@ def _config_brief(model: nn.Module) -> str:
 
 
 # -- writing ---------------------------------------------------------------------------------
-def atomic_write(path: str | os.PathLike, write: Callable[[str], object], *, replace: bool = True) -> None:
-    """Call ``write(tmp_path)``, fsync, then move the file to ``path``: readers never see a partial file.
-
-    The temporary file, ``.NAME.partial-PID-HOST-XXXXXXXX`` beside ``path`` (:mod:`vsrkit.fsutil`), is
-    removed on any exception; those left by killed processes are removed by the next call in that
-    folder. ``replace=False`` never replaces an existing ``path``, even one that appeared while writing:
-    :class:`FileExistsError`. A full disk or quota raises :class:`~vsrkit.fsutil.DiskFullError` (a
-    one-line :class:`VsrkitError` that is also an ``OSError``) naming ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_leftovers(path.parent)
-    try:
-        tmp = make_temp_file(path.parent, path.name)
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise disk_full_error(exc, path) from None
-        raise
-    try:
-        write(str(tmp))
-        # mkstemp makes the file private (0600), and so do some writers (safetensors replaces the file it is
-        # given with its own); give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            put_in_place(tmp, path)
-    except BaseException as exc:
-        # Judged before the partial file is removed: removing it frees the space that ran out.
-        full = not isinstance(exc, VsrkitError) and is_disk_full(exc, path.parent)
-        tmp.unlink(missing_ok=True)
-        if full:
-            raise disk_full_error(exc, path) from None
-        raise
-
-
 def save_vsrkit(model: nn.Module, path: str | os.PathLike, arch: str | None = None) -> None:
     """Write ``model`` as safetensors with its architecture and configuration in the metadata."""
     save_file = _safetensors_module(f"writing {path}").torch.save_file

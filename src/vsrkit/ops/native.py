@@ -26,8 +26,8 @@ import subprocess
 import threading
 from pathlib import Path
 
-from ..hub import cache_dir
-from ..weights import atomic_write
+from ..cache import cache_dir
+from ..fsutil import atomic_write
 
 __all__ = ["library", "unavailable_reason"]
 
