@@ -54,6 +54,7 @@ def test_refine_passes_stream_like_the_one_pass_forward(threshold, passes):
         unrefined = BasicVSR.forward(_without_refine(model), lqs)[0]
     assert model.refine_calls == passes  # frame-batched: one call per pass
 
+    model.refine_calls = 0
     engine = Upscaler(model, device="cpu", tile=0, segment_frames=2)
     streamed = torch.cat(list(engine.run_tensors(iter(frames))))
     # The engine refines frame by frame: one call per frame and pass.
