@@ -4,6 +4,10 @@ Bidirectional models need the whole future of a frame before they can output it:
 references keep every frame's features in memory (about 26 MB per frame at 180×320 for
 BasicVSR, 105 MB for BasicVSR++) and fail past a few hundred frames. Here:
 
+The engine learns everything about a model from the :class:`~vsrkit.models.base.VSRModel`
+interface (``streams_exactly``, ``pad_multiple``, ``scale``, the per-frame steps), never from
+its name; the families below are examples.
+
 **BasicVSR and IconVSR: exact streaming.** The input is spooled once to a temporary file of
 raw LR frames (uint8, 173 kB per 180×320 frame; uint16 for deeper input). Pass 1 runs
 the backward branch over the whole clip from the last frame, saving the backward state at
@@ -18,6 +22,14 @@ which costs one more backward trunk per frame (about a third of BasicVSR's work 
 Memory holds ``segment_frames`` states; disk holds one state per recomputed segment plus the
 stored ones. The result equals
 the one-pass output (differences are float rounding, measured ≤ 1e-5).
+
+**Refine passes.** A model with ``refine_passes`` (RealBasicVSR's image cleaning) first gets
+up to that many passes over the spooled clip, whole frames (padded as the steps need) one at a
+time: each writes ``lq + model.refine(lq)`` to a new raw fp32 file in the temporary folder (12
+bytes per LR pixel per frame; the previous pass's file is removed once the next is complete) and
+sums |residue| in float64; after a pass, ``model.refine_done(mean)`` decides whether another
+runs. The steps then read the refined frames. The result equals :meth:`VSRModel.propagate_clip`
+on the whole clip; ``progress`` does not count these passes.
 
 **BasicVSR++: overlapping windows.** Its four interleaved branches have no cheap exact
 decomposition. The clip is processed in windows of ``window_frames`` frames that overlap by
@@ -535,7 +547,13 @@ class Upscaler:
         # The HR frame: the blend's sum and weights, the result, the 8-bit frame and the
         # writer's copy (four fp32 frames cover them), plus one whole LR frame in fp32.
         frame = (4 * 3 * self.scale**2 * 4 + 12) * height * width
-        return _RUN_OVERHEAD + group * per_tile + work + frame
+        peak = _RUN_OVERHEAD + group * per_tile + work + frame
+        if self.model.refine_passes > 0 and not self._windowed():
+            # Refine passes run alone, before the steps, on whole frames: one refine call (its
+            # step bound) plus the frame, its residue and the refined frame in fp32.
+            refine = self.model.inference_memory(height, width, element_size).step + 3 * 12 * height * width
+            peak = max(peak, _RUN_OVERHEAD + refine)
+        return peak
 
     def plan(self, height: int, width: int, frames: int, notice: bool = True) -> RunPlan:
         """Choose the tiling for (height, width) LR frames from the estimate and the memory available."""

@@ -136,7 +136,11 @@ class VSRModel(nn.Module):
     config: dict
 
     def inference_memory(self, height: int, width: int, element_size: int = 4) -> InferenceMemory:
-        """Memory of streaming one (height, width) LR tile (see :class:`InferenceMemory`)."""
+        """Memory of streaming one (height, width) LR tile (see :class:`InferenceMemory`).
+
+        With ``refine_passes``, ``step`` must also cover one :meth:`refine` call on a frame of
+        that size (the engine refines whole frames before the steps run).
+        """
         raise NotImplementedError
 
     # -- per-frame steps --------------------------------------------------------------------
