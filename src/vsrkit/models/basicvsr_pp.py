@@ -239,7 +239,16 @@ class BasicVSRPlusPlus(nn.Module):
 
 # -- published weights ------------------------------------------------------------------------
 # All in mmagic's layout: there is no BasicSR release.
-from .registry import HOLYWU_URL, MMAGIC_URL, Score, WeightsEntry, score_row, weights_entry  # noqa: E402
+from .registry import (  # noqa: E402
+    HOLYWU_URL,
+    MMAGIC_URL,
+    Score,
+    StateDict,
+    WeightsEntry,
+    count_blocks,
+    score_row,
+    weights_entry,
+)
 
 # mmagic's retest of its released checkpoints, one row per checkpoint.
 _MM_SCORES: dict[str, dict[str, Score]] = {
@@ -339,6 +348,21 @@ for _name, _fname, _sha, _data, _deg in (
     )  # fmt: skip
 
 
+def infer_config(sd: StateDict) -> dict[str, object] | None:
+    """The options that give this native state dict's shapes, if it can be a BasicVSR++'s."""
+    first = sd.get("backbone.backward_1.main.0.weight")
+    if first is None:
+        return None
+    config: dict[str, object] = {
+        "mid_channels": first.shape[0],
+        "num_blocks": count_blocks(sd, "backbone.backward_1."),
+        "is_low_res_input": "feat_extract.main.0.weight" in sd,
+    }
+    if not any(k.startswith("deform_align.") for k in sd):
+        config["alignment"] = "flow"
+    return config
+
+
 FAMILY = register(
     Family(
         name="basicvsr_pp",
@@ -347,5 +371,6 @@ FAMILY = register(
         weights=tuple(_WEIGHTS),
         default_weights="basicvsr_pp_reds4",
         aliases=("basicvsrpp", "basicvsr++"),
+        infer_config=infer_config,
     )
 )

@@ -298,8 +298,12 @@ from .basicvsr import PAPER_CONFIG  # noqa: E402
 from .registry import (  # noqa: E402
     BASICSR_SCORES_NOTE,
     MMAGIC_URL,
+    TRUNK_MMAGIC_RULES,
+    TRUNK_NATIVE_RULES,
     Score,
+    StateDict,
     WeightsEntry,
+    count_blocks,
     gdrive,
     score_row,
     weights_entry,
@@ -372,6 +376,25 @@ for _name, _rel, _data, _deg, _pad in (
     )  # fmt: skip
 
 
+def infer_config(sd: StateDict) -> dict[str, object] | None:
+    """The options that give this native state dict's shapes, if it can be an IconVSR's."""
+    trunk = sd.get("forward_trunk.main.0.weight")
+    if trunk is None:
+        return None
+    blocks = count_blocks(sd, "forward_trunk.")
+    config: dict[str, object] = {"mid_channels": trunk.shape[0], "num_blocks": blocks}
+    if "edvr.fusion.feat_fusion.weight" in sd and "edvr.conv_first.weight" in sd:
+        edvr_channels = sd["edvr.conv_first.weight"].shape[0]
+        num_frames = sd["edvr.fusion.feat_fusion.weight"].shape[1] // max(edvr_channels, 1)
+        config["temporal_padding"] = (num_frames - 1) // 2
+        config["edvr_channels"] = edvr_channels
+    else:
+        config["refill"] = False
+    if "fusion.weight" in sd:
+        config["coupled"] = False
+    return config
+
+
 FAMILY = register(
     Family(
         name="iconvsr",
@@ -379,5 +402,8 @@ FAMILY = register(
         builder=IconVSR,
         weights=tuple(_WEIGHTS),
         default_weights="iconvsr_reds4",
+        infer_config=infer_config,
+        mmagic_key_rules=TRUNK_MMAGIC_RULES,
+        native_key_rules=TRUNK_NATIVE_RULES,
     )
 )

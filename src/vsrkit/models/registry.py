@@ -175,6 +175,18 @@ def weights_archs() -> dict[str, str]:
     return names
 
 
+def count_blocks(sd: StateDict, prefix: str) -> int:
+    """How many residual blocks ``prefix`` (e.g. ``forward_trunk.``) holds in a native state dict."""
+    pattern = re.compile(re.escape(prefix) + r"main\.2\.(\d+)\.")
+    found = [int(m.group(1)) for k in sd if (m := pattern.match(k))]
+    return max(found) + 1 if found else 0
+
+
+#: mmagic names BasicVSR's and IconVSR's residual trunks ``*_resblocks``; vsrkit (as BasicSR) ``*_trunk``.
+TRUNK_MMAGIC_RULES = ((re.compile(r"^(backward|forward)_resblocks\."), r"\1_trunk."),)
+TRUNK_NATIVE_RULES = ((re.compile(r"^(backward|forward)_trunk\."), r"\1_resblocks."),)
+
+
 # -- helpers for the families' weights tables ------------------------------------------------
 
 #: Where mmagic / MMEditing publishes its restorers.
