@@ -121,6 +121,8 @@ def upscale(
     webm = os.fspath(output).lower().endswith(".webm")
     crf = check_crf(crf, codec or ("libvpx-vp9" if webm else "libx264"))
     resolve_device(device)  # an absent GPU is refused before the input is read
+    if not isinstance(model, nn.Module):
+        check_model_options(model, model_options)
     options = EngineOptions(
         device=device,
         precision=precision,
