@@ -23,10 +23,12 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from .cache import CHUNK, is_good, remember_digest, temp_path
-from .models.registry import WeightsEntry
+
+if TYPE_CHECKING:
+    from .models.registry import WeightsEntry
 
 __all__ = [
     "PIP_TIMEOUT_S",
