@@ -76,7 +76,7 @@ def test_every_family_recognises_its_checkpoints_in_both_layouts(arch: str, tmp_
     mmagic = native_to_mmagic(native, arch)
     stale = {k: torch.zeros_like(v) for k, v in mmagic.items()}
     ema = {"generator_ema." + k.removeprefix("generator."): v for k, v in mmagic.items()}
-    discriminator = {"discriminator.conv0.weight": torch.ones(4, 3, 3, 3), "step_counter": torch.tensor(1)}
+    discriminator = {"discriminator.conv0.weight": torch.ones(4, 3, 3, 3), "step_counter": torch.ones(1)}
     path = tmp_path / "mmagic.pth"
     torch.save({"meta": {}, "state_dict": {**stale, **ema, **discriminator}}, path)
     ckpt = read_checkpoint(path)
@@ -90,7 +90,8 @@ def test_every_family_recognises_its_checkpoints_in_both_layouts(arch: str, tmp_
 def test_generator_alone_is_read_when_there_is_no_ema() -> None:
     arch = default_family().name
     native = _tiny(arch).state_dict()
-    plain = mmagic_to_native(native_to_mmagic(native, arch), arch)
+    counter = {"generator.step_counter": torch.ones(1)}  # mmagic's iteration count, not a weight
+    plain = mmagic_to_native({**native_to_mmagic(native, arch), **counter}, arch)
     assert set(plain) == set(native) and all(torch.equal(plain[k], v) for k, v in native.items())
 
 

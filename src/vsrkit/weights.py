@@ -202,7 +202,9 @@ def mmagic_to_native(sd: dict[str, torch.Tensor], arch: str | None = None) -> di
     for key, value in sd.items():
         if generator is not None and key.startswith(generator):
             key = key[len(generator) :]
-        elif key.startswith(_GENERATORS + _NOT_GENERATOR) or key == "step_counter":
+        elif key.startswith(_GENERATORS + _NOT_GENERATOR):
+            continue
+        if key == "step_counter":
             continue
         for pattern, repl in rules:
             if repl == "SPYNET":
