@@ -4,8 +4,14 @@ Three layouts are recognised by their contents, never by file name:
 
 - **BasicSR**: ``{"params": ..., "params_ema": ...}`` (``params_ema`` preferred). This is
   vsrkit's native key layout, so it loads unchanged.
-- **mmagic / mmediting**: ``{"meta", "state_dict"}`` with keys prefixed ``generator.``, with or
-  without ``step_counter`` and SPyNet's mean/std buffers. Converted by :func:`mmagic_to_native`.
+- **mmagic / mmediting**: ``{"meta", "state_dict"}`` with keys prefixed ``generator.`` (and, for
+  GAN-trained models, ``generator_ema.``, which is preferred, and ``discriminator.``, which is
+  ignored), with or without ``step_counter`` and SPyNet's mean/std buffers. Converted by
+  :func:`mmagic_to_native`: the shared renames here, then each family's own
+  (``Family.mmagic_key_rules``).
+
+The architecture of a file without metadata is the family whose model fits its keys and shapes
+(:func:`infer_family`).
 - **vsrkit**: safetensors whose metadata holds the architecture and its configuration.
 
 Every file is read with ``torch.load(weights_only=True)`` or safetensors: no pickled code runs.
