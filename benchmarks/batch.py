@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import vsrkit  # noqa: E402
 from vsrkit.data.degradations import bi_degrade  # noqa: E402
 from vsrkit.data.video import open_frames, open_writer  # noqa: E402
+from vsrkit.models import default_family  # noqa: E402
 from vsrkit.upscale import upscale  # noqa: E402
 from vsrkit.weights import save_vsrkit  # noqa: E402
 
@@ -78,8 +79,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="vsrkit-batch-bench-"))
     try:
         torch.manual_seed(0)
-        weights = work / "basicvsr.safetensors"
-        save_vsrkit(vsrkit.create_model("basicvsr"), weights)
+        weights = work / "model.safetensors"
+        save_vsrkit(vsrkit.create_model(default_family().name), weights)
         clips = []
         for n, (name, first, crop) in enumerate(CLIPS):
             clips.append(

@@ -32,7 +32,7 @@ from vsrkit.ops.deform_conv import deform_conv2d  # noqa: E402
 
 SHAPES = {
     # name: (in channels, out channels, offset groups)
-    "basicvsr_pp": (128, 64, 16),
+    "second_order": (128, 64, 16),  # BasicVSR++'s second-order deformable alignment
     "pcd": (64, 64, 8),
 }
 

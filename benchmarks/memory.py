@@ -73,7 +73,10 @@ def child(args: argparse.Namespace) -> None:
     from vsrkit.upscale import upscale
 
     torch.manual_seed(0)
-    extra = {"edvr_channels": 64} if args.arch == "iconvsr" else {}
+    from vsrkit.models import model_config
+
+    # The EDVR-M feature extractor, where the model has one, at the size of the convs above.
+    extra = {"edvr_channels": 64} if "edvr_channels" in model_config(args.arch) else {}
     model = vsrkit.create_model(args.arch, mid_channels=64, num_blocks=1, **extra).eval()
     start = time.perf_counter()
     if args.one_pass:
@@ -114,7 +117,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--arch", default="basicvsr", choices=["basicvsr", "iconvsr", "basicvsr_pp"])
+    from vsrkit.models import default_family, families
+
+    parser.add_argument("--arch", default=default_family().name, choices=list(families()))
     parser.add_argument("--frames", type=int, nargs=2, default=[50, 1000], metavar=("SHORT", "LONG"))
     parser.add_argument("--size", default="64x80", help="LR frame size HxW (default 64x80)")
     parser.add_argument(

@@ -78,9 +78,9 @@ def load_model(arch: str, random: bool) -> tuple[torch.nn.Module, str]:
             for name, p in model.named_parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * (0.02 if "conv_offset" in name else 0.005))
         return model, "perturbed random weights"
-    from vsrkit.upscale import DEFAULT_WEIGHTS_FOR
+    from vsrkit.models import get_family
 
-    name = DEFAULT_WEIGHTS_FOR[arch]
+    name = get_family(arch).default_weights
     return vsrkit.create_model(arch, checkpoint=name), name
 
 

@@ -54,10 +54,21 @@ import vsrkit  # noqa: E402
 from reference_oracle import basicsr_arch, reference_basicvsrpp  # noqa: E402
 from vsrkit.accel import keep_freed_memory, prepare_for_inference  # noqa: E402
 from vsrkit.engine import upscale_frames  # noqa: E402
+from vsrkit.models import families, get_family  # noqa: E402
+from vsrkit.models.basicvsr import BasicVSR  # noqa: E402
+from vsrkit.models.basicvsr_pp import BasicVSRPlusPlus  # noqa: E402
+from vsrkit.models.iconvsr import IconVSR  # noqa: E402
 from vsrkit.ops import nnpack  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "reds_lr_000"
-MODELS = ("basicvsr", "iconvsr", "basicvsr_pp")
+# The BasicSR/mmagic oracle of each builder, at the papers' size.
+_REFERENCES: dict[type, Callable[[], torch.nn.Module]] = {
+    BasicVSR: lambda: basicsr_arch("basicvsr_arch").BasicVSR(num_feat=64, num_block=30),
+    IconVSR: lambda: basicsr_arch("basicvsr_arch").IconVSR(num_feat=64, num_block=30),
+    BasicVSRPlusPlus: lambda: reference_basicvsrpp(mid_channels=64, num_blocks=7),
+}
+#: The families with an oracle to race against.
+MODELS = tuple(name for name, family in families().items() if family.builder in _REFERENCES)
 
 
 def load_frames(num: int, height: int, width: int) -> np.ndarray:
@@ -74,11 +85,7 @@ def load_frames(num: int, height: int, width: int) -> np.ndarray:
 
 
 def reference_model(arch: str) -> torch.nn.Module:
-    if arch == "basicvsr":
-        return basicsr_arch("basicvsr_arch").BasicVSR(num_feat=64, num_block=30)
-    if arch == "iconvsr":
-        return basicsr_arch("basicvsr_arch").IconVSR(num_feat=64, num_block=30)
-    return reference_basicvsrpp(mid_channels=64, num_blocks=7)
+    return _REFERENCES[get_family(arch).builder]()
 
 
 def perturb(model: torch.nn.Module, seed: int) -> None:
@@ -167,7 +174,7 @@ def _build_runners(side: str, arch: str, opts: dict, lqs: torch.Tensor, frames: 
 
     if side == "reference":
         runners["ref fp32"] = ref_run
-        if arch == "basicvsr" and "bf16" in opts["precisions"]:
+        if get_family(arch).builder is BasicVSR and "bf16" in opts["precisions"]:
             tuned = copy.deepcopy(ref).to(memory_format=torch.channels_last)
 
             def tuned_run(model=tuned) -> np.ndarray:

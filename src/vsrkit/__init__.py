@@ -22,7 +22,7 @@ def create_model(
 ) -> nn.Module:
     """Build a model, optionally with weights.
 
-    ``arch`` is ``"basicvsr"``, ``"iconvsr"`` or ``"basicvsr_pp"``; ``config`` overrides the
+    ``arch`` is a registered family's name (``vsrkit.models.families()``); ``config`` overrides the
     paper's configuration (``mid_channels``, ``num_blocks``, ``temporal_padding``,
     ``keyframe_stride``, ablation switches, ...). ``checkpoint`` is a file (BasicSR, mmagic or
     vsrkit layout, detected by content) or a registered weights name (see
@@ -44,7 +44,8 @@ def create_model(
 
         path, entry = get_weights(os.fspath(checkpoint))
     ckpt = read_checkpoint(path)
-    found_arch = (entry.arch if entry else None) or ckpt.arch or infer_arch(ckpt.state_dict)
+    shapes = f"checkpoint {ckpt.path} (from its tensor shapes)"
+    found_arch = (entry.arch if entry else None) or ckpt.arch or infer_arch(ckpt.state_dict, shapes)
     if arch is not None and arch != found_arch:
         raise VsrkitError(f"weights {os.fspath(checkpoint)!r} are for {found_arch}, not {arch}")
     arch = found_arch
@@ -56,7 +57,7 @@ def create_model(
     else:
         # Shapes can be forged (a stride-0 tensor claims any size): checked the same way.
         inferred = infer_config(ckpt.state_dict, arch)
-        base = model_config(arch, source=f"checkpoint {ckpt.path} (from its tensor shapes)", **inferred)
+        base = model_config(arch, source=shapes, **inferred)
     model = build_model(arch, **{**base, **config})
     load_state_dict_strict(model, ckpt, arch)
     return model.eval()

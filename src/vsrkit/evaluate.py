@@ -30,9 +30,9 @@ from vsrkit.data.datasets import DATASETS, Clip, list_clips, load_clip
 from vsrkit.data.degradations import imresize
 from vsrkit.errors import VsrkitError
 from vsrkit.metrics import MetricAverager, psnr, ssim, to_uint8
+from vsrkit.models.registry import Family
 
 __all__ = [
-    "ARCHS",
     "BICUBIC_PAPER_SCORES",
     "default_space",
     "default_weights",
@@ -41,7 +41,6 @@ __all__ = [
     "published_scores",
 ]
 
-ARCHS = ("basicvsr", "iconvsr", "basicvsr_pp")
 SCALE = 4
 _VIMEO = ("vimeo90k-t", "vimeo90k")
 _RGB_DATASETS = ("reds4", "redsval4", "reds")
@@ -68,16 +67,36 @@ def default_weights(arch: str, dataset: str, degradation: str) -> str:
     """The registered weights the papers test ``arch`` with on ``dataset``/``degradation``.
 
     BI on REDS: the REDS-trained model; other BI sets: the Vimeo-90K BI model; BD: the Vimeo-90K BD
-    model (Table 2 of the papers).
+    model (Table 2 of the papers). Chosen from the family's weights entries by their training
+    data and degradation; among several (the same model in two layouts), the one with published
+    scores, then the family's default, then the first listed.
     """
-    if arch not in ARCHS:
-        raise VsrkitError(f"unknown model {arch!r}; choose bicubic or one of: {', '.join(ARCHS)}")
-    deg = degradation.lower()
-    if deg == "bd":
-        return f"{arch}_vimeo90k_bd"
-    if dataset.lower() in _RGB_DATASETS:
-        return f"{arch}_reds4"
-    return f"{arch}_vimeo90k_bi"
+    family = _family(arch)
+    deg = degradation.upper()
+    training_data = "REDS" if deg == "BI" and dataset.lower() in _RGB_DATASETS else "Vimeo-90K"
+    found = [
+        e
+        for e in family.weights
+        if e.degradation == deg and e.training_data == training_data and e.scale == SCALE
+    ]
+    if not found:
+        raise VsrkitError(
+            f"{family.title} has no published weights trained on {training_data} {deg}; "
+            "pass --weights"
+        )
+    found.sort(key=lambda e: (not e.scores, e.name != family.default_weights))
+    return found[0].name
+
+
+def _family(arch: str) -> Family:
+    from .models import families, get_family
+
+    try:
+        return get_family(arch)
+    except VsrkitError:
+        raise VsrkitError(
+            f"unknown model {arch!r}; choose bicubic or one of: {', '.join(families())}"
+        ) from None
 
 
 def _score_key(dataset: str, degradation: str, split: str) -> str | None:
@@ -136,8 +155,7 @@ def _build_model(
         if weights is not None or config:
             raise VsrkitError("the bicubic baseline takes no weights and no model options")
         return name, None, None
-    if name not in ARCHS:
-        raise VsrkitError(f"unknown model {model!r}; choose bicubic or one of: {', '.join(ARCHS)}")
+    name = _family(name).name
     weights = weights or default_weights(name, dataset, degradation)
     from vsrkit import create_model
 
@@ -245,7 +263,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score ``model`` on ``dataset`` (see the module docstring for the protocol).
 
-    ``model`` is ``"bicubic"``, an architecture (``"basicvsr"``, ``"iconvsr"``, ``"basicvsr_pp"``)
+    ``model`` is ``"bicubic"``, an architecture (a family of ``vsrkit.models.families()``)
     built with ``weights`` (a registered name or a file; default: :func:`default_weights`) and the
     model options ``config``, or a ready ``nn.Module`` mapping (N, T, 3, h, w) to (N, T, 3, 4h, 4w).
     ``space`` defaults to :func:`default_space`; ``max_frames`` scores the first frames of each clip
@@ -268,10 +286,10 @@ def evaluate(
     crop_border = NON_NEGATIVE_INT(crop_border, "crop_border")
     max_frames = optional(POSITIVE_INT)(max_frames, "max_frames")
     config = dict(config or {})
-    if isinstance(model, str) and model.lower() in ARCHS:
+    if isinstance(model, str) and model.lower() != "bicubic":
         from vsrkit.models import model_config
 
-        model_config(model.lower(), **config)  # a bad option fails before any data is read
+        model_config(_family(model).name, **config)  # a bad option fails before any data is read
     vimeo = key in _VIMEO
 
     # List the clips first: a wrong root or clip name should fail before loading weights.

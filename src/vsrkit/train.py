@@ -72,7 +72,7 @@ from .checks import (
 from .data.datasets import DATASETS, DEGRADATIONS
 from .errors import VsrkitError
 from .fsutil import disk_full_error, is_disk_full, remove_dead_leftovers
-from .models import MODELS
+from .models import MODELS, default_family
 
 CHECKPOINT_FORMAT = "vsrkit-train-1"
 
@@ -94,7 +94,7 @@ _DEGRADATION = choice(*DEGRADATIONS)
 #: (checked against the builder, see :func:`vsrkit.models.model_config`); ``optim.lr_mult`` maps
 #: any module prefix to a multiplier.
 SCHEMA: dict[str, Any] = {
-    "model": {"arch": Opt("basicvsr", choice(*MODELS))},
+    "model": {"arch": Opt(default_family().name, choice(*MODELS))},
     "init": {
         "model": Opt(None, optional(TEXT)),  # whole model: checkpoint file or registered weights name
         "spynet": Opt(None, optional(TEXT)),  # SPyNet only: a SPyNet file or a checkpoint with spynet.*

@@ -6,7 +6,8 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 from torch import nn
@@ -14,36 +15,53 @@ from torch import nn
 from .checks import check_crf
 from .engine import EngineOptions, Upscaler, resolve_device
 from .errors import VsrkitError
+from .models import default_family, families, get_family, model_config
 from .scenes import DEFAULT_MIN_SHOT_FRAMES, DEFAULT_THRESHOLD
 
-# The weights used when only an architecture is named: each family's REDS model, the most
-# general of the published ones (REDS is real footage with large motion).
-DEFAULT_WEIGHTS_FOR = {
-    "basicvsr": "basicvsr_reds4",
-    "iconvsr": "iconvsr_reds4",
-    "basicvsr_pp": "basicvsr_pp_reds4",
-}
+# The weights used when only an architecture is named, by family (each family's own default).
+DEFAULT_WEIGHTS_FOR: Mapping[str, str] = MappingProxyType(
+    {name: family.default_weights for name, family in families().items() if family.default_weights}
+)
+
+
+def check_model_options(model: str | None, config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``config`` (``--set`` options) checked against ``model``'s builder: a bad key or value is one
+    line naming it, before anything is read or fetched."""
+    family = default_family() if model is None else get_family(model)
+    config = dict(config or {})
+    model_config(family.name, source="--set", **config)
+    return config
 
 
 def load_upscaling_model(
-    model: str | nn.Module = "basicvsr", weights: str | os.PathLike | None = None
+    model: str | nn.Module | None = None,
+    weights: str | os.PathLike | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> nn.Module:
-    """A model ready for inference: an architecture name plus weights (a name or a file)."""
+    """A model ready for inference: an architecture name (default: the default family's) plus
+    weights (a name or a file; default: the family's default) and model options ``config``."""
     from . import create_model
 
     if isinstance(model, nn.Module):
+        if config:
+            raise VsrkitError("model options (--set) apply to a model built by name, not to a ready module")
         return model
-    if model not in DEFAULT_WEIGHTS_FOR:
-        raise VsrkitError(f"unknown model {model!r} (choose from {', '.join(DEFAULT_WEIGHTS_FOR)})")
-    return create_model(model, checkpoint=weights if weights is not None else DEFAULT_WEIGHTS_FOR[model])
+    family = default_family() if model is None else get_family(model)
+    config = check_model_options(family.name, config)
+    if weights is None:
+        if family.default_weights is None:
+            raise VsrkitError(f"{family.title} has no default weights; pass --weights")
+        weights = family.default_weights
+    return create_model(family.name, checkpoint=weights, **config)
 
 
 def upscale(
     input: str | os.PathLike,
     output: str | os.PathLike,
     *,
-    model: str | nn.Module = "basicvsr",
+    model: str | nn.Module | None = None,
     weights: str | os.PathLike | None = None,
+    model_options: Mapping[str, Any] | None = None,
     device: str = "auto",
     precision: str = "fp32",
     tile: int | None = None,  # None: only where needed; 0: never
@@ -69,6 +87,10 @@ def upscale(
     ``output`` with a video extension is encoded (H.264 by default, the input's frame rate and
     timestamps, its audio and subtitle streams copied); anything else becomes a folder of PNGs.
     The output appears only when complete. Returns a summary (frames, seconds, sizes).
+
+    ``model`` is a family's name (default: the default family) or a ready module; ``weights``
+    a registered name or a file (default: the family's default weights); ``model_options`` the
+    builder's options (``vsrkit upscale --set KEY=VALUE``), checked before anything is read.
 
     ``scene_cuts`` resets propagation at each scene cut (see :mod:`vsrkit.scenes`): each shot
     is upscaled and encoded on its own, and the shots are joined without re-encoding.
@@ -99,6 +121,8 @@ def upscale(
     webm = os.fspath(output).lower().endswith(".webm")
     crf = check_crf(crf, codec or ("libvpx-vp9" if webm else "libx264"))
     resolve_device(device)  # an absent GPU is refused before the input is read
+    if not isinstance(model, nn.Module):
+        check_model_options(model, model_options)
     options = EngineOptions(
         device=device,
         precision=precision,
@@ -115,7 +139,7 @@ def upscale(
             shots = check_shots(shots)
         elif scene_cuts:
             shots = detect_shots(source, scene_threshold, min_shot_frames)
-        net = load_upscaling_model(model, weights)
+        net = load_upscaling_model(model, weights, model_options)
         engine = Upscaler(net, options)
         start = time.perf_counter()
         num_frames = shots[-1][1] - shots[0][0] if shots else source.num_frames

@@ -4,8 +4,14 @@ Three layouts are recognised by their contents, never by file name:
 
 - **BasicSR**: ``{"params": ..., "params_ema": ...}`` (``params_ema`` preferred). This is
   vsrkit's native key layout, so it loads unchanged.
-- **mmagic / mmediting**: ``{"meta", "state_dict"}`` with keys prefixed ``generator.``, with or
-  without ``step_counter`` and SPyNet's mean/std buffers. Converted by :func:`mmagic_to_native`.
+- **mmagic / mmediting**: ``{"meta", "state_dict"}`` with keys prefixed ``generator.`` (and, for
+  GAN-trained models, ``generator_ema.``, which is preferred, and ``discriminator.``, which is
+  ignored), with or without ``step_counter`` and SPyNet's mean/std buffers. Converted by
+  :func:`mmagic_to_native`: the shared renames here, then each family's own
+  (``Family.mmagic_key_rules``).
+
+The architecture of a file without metadata is the family whose model fits its keys and shapes
+(:func:`infer_family`).
 - **vsrkit**: safetensors whose metadata holds the architecture and its configuration.
 
 Every file is read with ``torch.load(weights_only=True)`` or safetensors: no pickled code runs.
@@ -158,36 +164,55 @@ def _tensors(sd: Any, path: str) -> dict[str, torch.Tensor]:
 
 
 # -- mmagic <-> native (BasicSR) key layout ------------------------------------------------
+# The renames shared by every family (its components' and mmagic's ConvModule wrappers); each
+# family adds its own (``Family.mmagic_key_rules``), applied after these.
 _MM_RULES: list[tuple[re.Pattern[str], str]] = [
     # mm's SPyNet levels are ConvModules in a Sequential; BasicSR interleaves ReLUs.
     (re.compile(r"^(spynet\.basic_module\.\d+\.basic_module\.)(\d+)\.conv\."), "SPYNET"),
-    (re.compile(r"^(backward|forward)_resblocks\."), r"\1_trunk."),
     (re.compile(r"^upsample([12])\.upsample_conv\."), r"upconv\1."),
     (re.compile(r"^edvr\.feat_l([23])_conv([12])\.conv\."), r"edvr.conv_l\1_\2."),
     (re.compile(r"^edvr\.pcd_alignment\."), "edvr.pcd_align."),
     # Remaining ConvModule wrappers (PCD and TSA convs). conv_offset is a plain conv.
     (re.compile(r"\.conv\.(weight|bias)$"), r".\1"),
 ]
+# mmagic's test mode runs the EMA generator where a checkpoint has one.
+_GENERATORS = ("generator_ema.", "generator.")
+_NOT_GENERATOR = ("discriminator.", "ema.")
 
 
 def is_mmagic_layout(sd: dict[str, torch.Tensor]) -> bool:
     return any(
-        k.startswith("generator.") or "_resblocks." in k or "upsample_conv" in k or k == "step_counter"
+        k.startswith(_GENERATORS) or "_resblocks." in k or "upsample_conv" in k or k == "step_counter"
         for k in sd
     )
 
 
-def mmagic_to_native(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """mmagic/mmediting keys → BasicSR keys (the steps of the reference notes, §1)."""
+def _family_rules(arch: str | None, which: str) -> list[tuple[re.Pattern[str], str]]:
+    """``arch``'s own key rules; every family's when ``arch`` is None (each rule matches only
+    its own family's keys)."""
+    from .models import families, get_family
+
+    chosen = [get_family(arch)] if arch is not None else list(families().values())
+    return [rule for family in chosen for rule in getattr(family, which)]
+
+
+def mmagic_to_native(sd: dict[str, torch.Tensor], arch: str | None = None) -> dict[str, torch.Tensor]:
+    """mmagic/mmediting keys → BasicSR keys (the steps of the reference notes, §1).
+
+    Of a generator/discriminator checkpoint only the generator is kept, the EMA one where there
+    is one. ``arch`` names the family whose own renames apply (default: whichever family's).
+    """
+    generator = next((p for p in _GENERATORS if any(k.startswith(p) for k in sd)), None)
+    rules = _MM_RULES + _family_rules(arch, "mmagic_key_rules")
     out = {}
     for key, value in sd.items():
-        if key.startswith("generator."):
-            key = key[len("generator.") :]
-        elif key.startswith(("discriminator.", "ema.")):
+        if generator is not None and key.startswith(generator):
+            key = key[len(generator) :]
+        elif key.startswith(_GENERATORS + _NOT_GENERATOR):
             continue
         if key == "step_counter":
             continue
-        for pattern, repl in _MM_RULES:
+        for pattern, repl in rules:
             if repl == "SPYNET":
                 key = pattern.sub(lambda m: f"{m.group(1)}{2 * int(m.group(2))}.", key)
             else:
@@ -199,18 +224,19 @@ def mmagic_to_native(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def native_to_mmagic(sd: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
     """The inverse of :func:`mmagic_to_native`, for writing mmagic-layout checkpoints."""
     out = {}
+    family_rules = _family_rules(arch, "native_key_rules")
     conv_module = re.compile(
         r"^(edvr\.pcd_align\.(offset_conv\d\.l\d|feat_conv\.l\d|cas_offset_conv\d)"
         r"|edvr\.fusion\.(feat_fusion|spatial_attn[1-4]|spatial_attn_l\d|spatial_attn_add1))\.(weight|bias)$"
     )
     for key, value in sd.items():
+        for pattern, repl in family_rules:
+            key = pattern.sub(repl, key)
         key = re.sub(
             r"^(spynet\.basic_module\.\d+\.basic_module\.)(\d+)\.",
             lambda m: f"{m.group(1)}{int(m.group(2)) // 2}.conv.",
             key,
         )
-        if arch != "basicvsr_pp":
-            key = re.sub(r"^(backward|forward)_trunk\.", r"\1_resblocks.", key)
         key = re.sub(r"^upconv([12])\.", r"upsample\1.upsample_conv.", key)
         key = conv_module.sub(lambda m: f"{m.group(1)}.conv.{m.group(4)}", key)
         key = re.sub(r"^edvr\.conv_l([23])_([12])\.", r"edvr.feat_l\1_conv\2.conv.", key)
@@ -220,54 +246,83 @@ def native_to_mmagic(sd: dict[str, torch.Tensor], arch: str) -> dict[str, torch.
 
 
 # -- architecture inference -----------------------------------------------------------------
-def infer_arch(sd: dict[str, torch.Tensor]) -> str:
-    if any(k.startswith(("backbone.", "deform_align.")) for k in sd):
-        return "basicvsr_pp"
-    if (
-        any(k.startswith(("edvr.", "backward_fusion.")) for k in sd)
-        or "forward_trunk.main.0.weight" in sd
-        and (sd["forward_trunk.main.0.weight"].shape[1] == 2 * sd["forward_trunk.main.0.weight"].shape[0] + 3)
-    ):
-        return "iconvsr"
-    if "forward_trunk.main.0.weight" in sd:
-        return "basicvsr"
-    raise VsrkitError("cannot tell the architecture from the checkpoint's keys (is it a VSR model?)")
+def _candidate(
+    arch: str, config: dict[str, Any], sd: dict[str, torch.Tensor], source: str
+) -> tuple[tuple[float, int], str | None]:
+    """How badly ``arch`` built with ``config`` fits ``sd`` (mismatched keys, 0: exactly; then
+    options changed from the paper's), and why it cannot be built at all, if it cannot. Built on
+    the meta device: no memory, whatever the config says."""
+    from .models import build_model, model_config
+
+    try:
+        # Shapes can be forged (a stride-0 tensor claims any size): checked before building.
+        checked = model_config(arch, source=source, **config)
+        with torch.device("meta"):
+            expected = build_model(arch, **checked).state_dict()
+    except VsrkitError as e:
+        return (float("inf"), 0), str(e)
+    present = set(sd) | (_SPYNET_CONST & set(expected))
+    missing = set(expected) - present
+    unexpected = set(sd) - set(expected)
+    misshaped = [k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape]
+    # An ablation of one family can have another's exact shapes (IconVSR without refill and
+    # coupling is BasicVSR): among exact fits, the family whose own paper model it is closest
+    # to, with the fewest options changed, wins.
+    paper = model_config(arch)
+    changed = sum(1 for k, v in checked.items() if paper.get(k) != v)
+    return (len(missing) + len(unexpected) + len(misshaped), changed), None
 
 
-def _num_blocks(sd: dict[str, torch.Tensor], prefix: str) -> int:
-    pattern = re.compile(re.escape(prefix) + r"main\.2\.(\d+)\.")
-    found = [int(m.group(1)) for k in sd if (m := pattern.match(k))]
-    return max(found) + 1 if found else 0
+def infer_family(sd: dict[str, torch.Tensor], source: str = "") -> tuple[str, dict[str, Any]]:
+    """The architecture of a native-layout state dict and the options that give its shapes.
+
+    Each family proposes a config (or says the state dict is not its own); the architecture is
+    the family whose model, built from its proposal, fits the keys and shapes, else the one
+    that fits best (strict loading then names what does not fit). ``source`` starts the
+    message when no proposal is a valid config.
+    """
+    from .models import families
+
+    proposals: dict[str, dict[str, Any]] = {}
+    for family in families().values():
+        if family.infer_config is None:
+            continue
+        try:
+            config = family.infer_config(sd)
+        except (KeyError, IndexError, ValueError, ZeroDivisionError):
+            config = None
+        if config is not None:
+            proposals[family.name] = config
+    if not proposals:
+        raise VsrkitError("cannot tell the architecture from the checkpoint's keys (is it a VSR model?)")
+    if len(proposals) == 1:
+        return next(iter(proposals.items()))
+    fits = {arch: _candidate(arch, config, sd, source) for arch, config in proposals.items()}
+    best = min(misfit for misfit, _ in fits.values())
+    if best[0] == float("inf"):
+        raise VsrkitError("; ".join(dict.fromkeys(str(why) for _, why in fits.values())))
+    winners = [arch for arch, (misfit, _) in fits.items() if misfit == best]
+    if len(winners) != 1:
+        raise VsrkitError(
+            "cannot tell the architecture from the checkpoint's keys: it fits "
+            + (" and ".join(winners) if best[0] == 0 else "none of " + ", ".join(proposals))
+        )
+    return winners[0], proposals[winners[0]]
+
+
+def infer_arch(sd: dict[str, torch.Tensor], source: str = "") -> str:
+    """The architecture of a native-layout state dict (see :func:`infer_family`)."""
+    return infer_family(sd, source)[0]
 
 
 def infer_config(sd: dict[str, torch.Tensor], arch: str) -> dict[str, Any]:
-    """The constructor options that produce this state dict's shapes."""
-    if arch == "basicvsr_pp":
-        config: dict[str, Any] = {
-            "mid_channels": sd["backbone.backward_1.main.0.weight"].shape[0],
-            "num_blocks": _num_blocks(sd, "backbone.backward_1."),
-            "is_low_res_input": "feat_extract.main.0.weight" in sd,
-        }
-        if not any(k.startswith("deform_align.") for k in sd):
-            config["alignment"] = "flow"
-        return config
-    trunk = sd["forward_trunk.main.0.weight"]
-    config = {"mid_channels": trunk.shape[0], "num_blocks": _num_blocks(sd, "forward_trunk.")}
-    if arch == "basicvsr":
-        if "backward_trunk.main.0.weight" not in sd:
-            config["propagation"] = "unidirectional"
-        if trunk.shape[1] == trunk.shape[0] + 6:
-            config["alignment"] = "image"
-        return config
-    if "edvr.fusion.feat_fusion.weight" in sd:
-        edvr_c = sd["edvr.conv_first.weight"].shape[0]
-        num_frames = sd["edvr.fusion.feat_fusion.weight"].shape[1] // edvr_c
-        config["temporal_padding"] = (num_frames - 1) // 2
-        config["edvr_channels"] = edvr_c
-    else:
-        config["refill"] = False
-    if "fusion.weight" in sd:
-        config["coupled"] = False
+    """The constructor options of ``arch`` that produce this state dict's shapes."""
+    from .models import get_family
+
+    family = get_family(arch)
+    config = family.infer_config(sd) if family.infer_config is not None else None
+    if config is None:
+        raise VsrkitError(f"the checkpoint's keys are not those of a {family.title} model")
     return config
 
 

@@ -44,8 +44,11 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..batching import batch
+    from ..upscale import check_model_options
 
     options = options_from_args(args)
+    # Checked here, once, rather than failing every input on the workers.
+    check_model_options(options["model"], options["model_options"])
     progress = options.pop("progress")
     summary = batch(
         args.inputs,

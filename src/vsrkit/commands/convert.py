@@ -9,6 +9,8 @@ from ..errors import VsrkitError
 
 
 def register(subparsers) -> None:
+    from .model_options import family_names
+
     p = subparsers.add_parser(
         "convert",
         help="convert a BasicSR/mmagic checkpoint to vsrkit's safetensors format",
@@ -17,9 +19,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("src", help="checkpoint file or registered weights name")
     p.add_argument("dst", help="output .safetensors file")
-    p.add_argument(
-        "--arch", choices=["basicvsr", "iconvsr", "basicvsr_pp"], help="default: read from the checkpoint"
-    )
+    p.add_argument("--arch", choices=family_names(), help="default: read from the checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=run)
 

@@ -9,8 +9,11 @@ from typing import Any
 
 from ..checks import DEVICE, NON_NEGATIVE_INT, POSITIVE_INT, arg, choice
 from ..errors import VsrkitError
+from .model_options import add_model_options, family_names, parse_overrides
 
-_MODELS = ("bicubic", "basicvsr", "iconvsr", "basicvsr_pp")
+__all__ = ["parse_overrides", "register", "run"]
+
+_BICUBIC = "bicubic"
 
 
 def register(subparsers) -> None:
@@ -22,12 +25,13 @@ def register(subparsers) -> None:
         "mirror-extended and scored on the centre frame only. Published numbers for the same weights are "
         "printed beside the mean.",
     )
-    p.add_argument("--model", required=True, metavar="|".join(_MODELS), help="architecture, or bicubic")
-    p.add_argument(
-        "--weights",
-        metavar="NAME|PATH",
-        help="registered weights or a checkpoint file (default: the papers' checkpoint for the dataset "
-        "and degradation, e.g. basicvsr_vimeo90k_bi for basicvsr on Vid4 BI)",
+    add_model_options(
+        p,
+        extra_models=(_BICUBIC,),
+        required=True,
+        model_help="architecture, or bicubic",
+        weights_help="registered weights or a checkpoint file (default: the papers' checkpoint for the "
+        "dataset and degradation, e.g. the Vimeo-90K BI model on Vid4 BI)",
     )
     p.add_argument(
         "--dataset",
@@ -61,39 +65,11 @@ def register(subparsers) -> None:
         "--device", default="auto", type=arg(DEVICE), metavar="cpu|cuda|auto", help="default: auto"
     )
     p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        dest="overrides",
-        help="model option (value parsed as YAML), e.g. --set keyframe_stride=10; repeatable",
-    )
-    p.add_argument(
         "--json", metavar="OUT", help="also write the result as JSON (atomically; an existing OUT is refused)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run)
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["a=1", "b=flow"]`` → ``{"a": 1, "b": "flow"}``, each value read as a YAML scalar."""
-    import yaml
-
-    config: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise VsrkitError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            raise VsrkitError(f"--set {key}: cannot read {text!r} as a value") from None
-        if isinstance(value, (dict, list)):
-            raise VsrkitError(f"--set {key}: expected a single value, got {text!r}")
-        config[key] = value
-    return config
 
 
 def _check_json_path(path: str, overwrite: bool) -> None:
@@ -129,10 +105,15 @@ def _write_json(path: str, result: dict[str, Any], overwrite: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..data.datasets import DATASETS, DEGRADATIONS
     from ..evaluate import default_weights, evaluate, format_table
+    from ..models import get_family
 
     model = args.model.lower()
-    if model not in _MODELS:
-        raise VsrkitError(f"unknown model {args.model!r}; choose one of: {', '.join(_MODELS)}")
+    if model != _BICUBIC:
+        try:
+            model = get_family(model).name
+        except VsrkitError:
+            choices = ", ".join([_BICUBIC, *family_names()])
+            raise VsrkitError(f"unknown model {args.model!r}; choose one of: {choices}") from None
     dataset = args.dataset.lower()
     if dataset not in DATASETS:
         raise VsrkitError(f"unknown dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
@@ -145,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     clips = [c for c in args.clips.split(",") if c.strip()] if args.clips else None
 
     weights = args.weights
-    if model != "bicubic" and weights is None:
+    if model != _BICUBIC and weights is None:
         weights = default_weights(model, dataset, degradation)
         print(f"weights: {weights} (the papers' checkpoint for {model} on {dataset} {degradation.upper()})")
 

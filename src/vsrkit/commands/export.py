@@ -8,7 +8,7 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     from ..export import DEFAULT_OPSET, DEFORM_CONV_CHOICES
-    from ..models import MODELS
+    from .model_options import add_model_options
 
     p = subparsers.add_parser(
         "export",
@@ -19,20 +19,10 @@ def register(subparsers) -> None:
         "appears. Needs pip install 'vsrkit[onnx]'.",
     )
     p.add_argument("output", metavar="OUT.onnx", help="the ONNX file to write")
-    p.add_argument("--model", default=next(iter(MODELS)), choices=list(MODELS))
-    p.add_argument(
-        "--weights",
-        metavar="NAME|PATH",
-        help="registered weights name (see `vsrkit weights`) or checkpoint file; "
+    add_model_options(
+        p,
+        weights_help="registered weights name (see `vsrkit weights`) or checkpoint file; "
         "default: the weights `vsrkit upscale` uses for the model",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        dest="overrides",
-        help="model option (value parsed as YAML), e.g. --set keyframe_stride=10; repeatable",
     )
     p.add_argument(
         "--frames", type=int, default=5, metavar="T", help="frames per clip, fixed in the graph (default 5)"
@@ -52,7 +42,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..errors import VsrkitError
     from ..export import check_destination, export_onnx, file_sha256, require_onnx
-    from .evaluate import parse_overrides
+    from .model_options import parse_overrides
 
     require_onnx()
     config = parse_overrides(args.overrides)
@@ -86,9 +76,12 @@ def _load(arch: str, weights: str | None, config: dict):
     from .. import create_model
     from ..errors import VsrkitError
     from ..hub import get_weights
-    from ..upscale import DEFAULT_WEIGHTS_FOR
+    from ..models import get_family
 
-    name = weights if weights is not None else DEFAULT_WEIGHTS_FOR[arch]
+    family = get_family(arch)
+    name = weights if weights is not None else family.default_weights
+    if name is None:
+        raise VsrkitError(f"{family.title} has no default weights; pass --weights")
     path, _ = get_weights(name)
     try:
         model = create_model(arch, checkpoint=name, **config)

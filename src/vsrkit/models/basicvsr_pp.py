@@ -252,12 +252,140 @@ class BasicVSRPlusPlus(VSRModel):
         return out[..., : scale * h, : scale * w]
 
 
+# -- published weights ------------------------------------------------------------------------
+# All in mmagic's layout: there is no BasicSR release.
+from .registry import (  # noqa: E402
+    HOLYWU_URL,
+    MMAGIC_URL,
+    Score,
+    StateDict,
+    WeightsEntry,
+    count_blocks,
+    score_row,
+    weights_entry,
+)
+
+# mmagic's retest of its released checkpoints, one row per checkpoint.
+_MM_SCORES: dict[str, dict[str, Score]] = {
+    "basicvsr_pp_reds4": score_row(
+        (32.3855, 0.9069), (36.4445, 0.9411), (27.7674, 0.8444),
+        (34.6868, 0.9417), (34.0372, 0.9244), (24.6209, 0.7540),
+    ),
+    "basicvsr_pp_vimeo90k_bi": score_row(
+        (31.0126, 0.8804), (37.7864, 0.9500), (27.7882, 0.8401),
+        (33.1211, 0.9270), (33.8972, 0.9195), (23.6086, 0.7033),
+    ),
+    "basicvsr_pp_vimeo90k_bd": score_row(
+        (29.2041, 0.8528), (34.7248, 0.9351), (26.4377, 0.8074),
+        (40.7216, 0.9722), (38.2054, 0.9550), (29.0400, 0.8753),
+    ),
+}  # fmt: skip
+
+# The reference notes give the paper's PSNR only (mmagic's numbers round to them).
+_PAPER: dict[str, dict[str, Score]] = {
+    "basicvsr_pp_reds4": {"REDS4 BI": (32.39, None)},
+    "basicvsr_pp_vimeo90k_bi": {"Vimeo-90K-T BI": (37.79, None), "Vid4 BI": (27.79, None)},
+    "basicvsr_pp_vimeo90k_bd": {
+        "UDM10 BD": (40.72, None),
+        "Vimeo-90K-T BD": (38.21, None),
+        "Vid4 BD": (29.04, None),
+    },
+}
+
+_WEIGHTS: list[WeightsEntry] = []
+# Full digests come from a third-party list of these files; each starts with the prefix in the
+# official name.
+for _name, _fname, _sha, _data, _deg in (
+    ("basicvsr_pp_reds4", "basicvsr_plusplus_c64n7_8x1_600k_reds4_20210217-db622b2f.pth",
+     "db622b2fd4caae0a4c63ab5e54f1cfef7a62a0f3b8ad101aba2eae068d928549", "REDS", "BI"),
+    ("basicvsr_pp_vimeo90k_bi", "basicvsr_plusplus_c64n7_8x1_300k_vimeo90k_bi_20210305-4ef437e2.pth",
+     "4ef437e27e7ed468853d9bad2e7a02e50fd4582c986a5cb4231054b0021b2e81", "Vimeo-90K", "BI"),
+    ("basicvsr_pp_vimeo90k_bd", "basicvsr_plusplus_c64n7_8x1_300k_vimeo90k_bd_20210305-ab315ab1.pth",
+     "ab315ab1d83d09834d43c8ba17d019282a93f0cbf40bfd49be99dfcebf4c12eb", "Vimeo-90K", "BD"),
+):  # fmt: skip
+    _WEIGHTS.append(
+        weights_entry(
+            _name, "basicvsr_pp", {"mid_channels": 64, "num_blocks": 7, "is_low_res_input": True}, _fname,
+            "mmagic", (MMAGIC_URL + "basicvsr_plusplus/" + _fname, HOLYWU_URL + _fname), _data, _deg,
+            sha256=_sha, scores=_MM_SCORES[_name], paper_scores=_PAPER[_name],
+            notes="Official mmagic/MMEditing release.",
+        )
+    )  # fmt: skip
+
+_NTIRE_CONFIG = {"mid_channels": 128, "num_blocks": 25}
+_WEIGHTS.append(
+    weights_entry(
+        "basicvsr_pp_ntire_vsr", "basicvsr_pp", {**_NTIRE_CONFIG, "is_low_res_input": True},
+        "basicvsr_plusplus_c128n25_ntire_vsr_20210311-1ff35292.pth", "mmagic",
+        (MMAGIC_URL + "basicvsr_plusplus/basicvsr_plusplus_c128n25_ntire_vsr_20210311-1ff35292.pth",
+         HOLYWU_URL + "basicvsr_plusplus_c128n25_ntire_vsr_20210311-1ff35292.pth"),
+        "REDS", "BI",
+        sha256="1ff352921112b84cacc79b23df502a2319d5714d6b26730248839a6e4074c285",
+        notes="NTIRE 2021 video super-resolution entry (C=128, 25 blocks); no metrics published. "
+        "Its config ran an 8-way spatial-temporal self-ensemble at test time.",
+    )
+)  # fmt: skip
+for _track, _stamp, _sha in (
+    (1, "20210223-7b2eba02", "7b2eba02a24989bfbf8b2ed4a06c8e6fd5dbeb193b1178ef7171cd1c455ddb0f"),
+    (2, "20210314-eeae05e6", "eeae05e655b9849d57a7bb732004ebeb75d376cb0bf76792f18ca0f9eb491774"),
+    (3, "20210304-6daf4a40", "6daf4a405b0ff7221e3ac39b0a5c788468ae17661c577a3353b9fd477d0c983a"),
+):
+    _fname = f"basicvsr_plusplus_c128n25_ntire_decompress_track{_track}_{_stamp}.pth"
+    _WEIGHTS.append(
+        weights_entry(
+            f"basicvsr_pp_ntire_decompress_track{_track}", "basicvsr_pp",
+            {**_NTIRE_CONFIG, "is_low_res_input": False}, _fname, "mmagic",
+            (MMAGIC_URL + "basicvsr_plusplus/" + _fname, HOLYWU_URL + _fname), "LDV (NTIRE 2021)",
+            "compression", scale=1, sha256=_sha,
+            notes=f"NTIRE 2021 compressed-video enhancement, track {_track} (C=128, 25 blocks, same-size "
+            "output; h and w must be multiples of 4); no metrics published.",
+        )
+    )  # fmt: skip
+
+# Deblur / denoise: distributed by the BasicVSR++ authors on Dropbox; mirrored by
+# vs-basicvsrpp. The openmmlab URL is listed by a third party only, so it comes second.
+for _name, _fname, _sha, _data, _deg in (
+    ("basicvsr_pp_deblur_dvd", "basicvsr_plusplus_deblur_dvd-ecd08b7f.pth",
+     "ecd08b7f938c54f5cd8b2e62cbf4867a1b9e0500ce728bd981a6b99ea1ea9dbf", "DVD", "blur"),
+    ("basicvsr_pp_deblur_gopro", "basicvsr_plusplus_deblur_gopro-3c5bb9b5.pth",
+     "3c5bb9b57b74b268624236ae01e7dc5f5d76ca0cdd3577f2f94d92943900f714", "GoPro", "blur"),
+    ("basicvsr_pp_denoise", "basicvsr_plusplus_denoise-28f6920c.pth",
+     "28f6920c4681bd8468a831d479459872c7f020d95c40eb3ced4745670bf2d596", "DAVIS", "noise"),
+):  # fmt: skip
+    _WEIGHTS.append(
+        weights_entry(
+            _name, "basicvsr_pp", {"mid_channels": 64, "num_blocks": 15, "is_low_res_input": False},
+            _fname, "mmagic", (HOLYWU_URL + _fname, MMAGIC_URL + "basicvsr_plusplus/" + _fname), _data,
+            _deg, scale=1, sha256=_sha,
+            notes="BasicVSR++ restoration model from the authors' BasicVSR_PlusPlus repository "
+            "(C=64, 15 blocks, same-size output; h and w must be multiples of 4); no metrics here.",
+        )
+    )  # fmt: skip
+
+
+def infer_config(sd: StateDict) -> dict[str, object] | None:
+    """The options that give this native state dict's shapes, if it can be a BasicVSR++'s."""
+    first = sd.get("backbone.backward_1.main.0.weight")
+    if first is None:
+        return None
+    config: dict[str, object] = {
+        "mid_channels": first.shape[0],
+        "num_blocks": count_blocks(sd, "backbone.backward_1."),
+        "is_low_res_input": "feat_extract.main.0.weight" in sd,
+    }
+    if not any(k.startswith("deform_align.") for k in sd):
+        config["alignment"] = "flow"
+    return config
+
+
 FAMILY = register(
     Family(
         name="basicvsr_pp",
         title="BasicVSR++",
         builder=BasicVSRPlusPlus,
+        weights=tuple(_WEIGHTS),
         default_weights="basicvsr_pp_reds4",
         aliases=("basicvsrpp", "basicvsr++"),
+        infer_config=infer_config,
     )
 )

@@ -181,3 +181,34 @@ class EDVRFeatureExtractor(nn.Module):
         reference = pyramids[self.center]
         aligned = [self.pcd_align(pyramid, reference) for pyramid in pyramids]
         return self.fusion(torch.stack(aligned, dim=1))
+
+
+# -- published weights: the EDVR-M feature extractors of IconVSR -------------------------------
+from .registry import MMAGIC_URL, gdrive, register_weights, weights_entry  # noqa: E402
+
+for _name, _fname, _gid, _sha, _data, _frames in (
+    ("edvrm_reds", "EDVR_REDS_pretrained_for_IconVSR-f62a2f1e.pth", "1ShfwddugTmT3_kB8VL6KpCMrIpEO5sBi",
+     "f62a2f1ea25dfa0d38d82b58beef3888edcc5433b8d39ae599bc4e1d1b261e15", "REDS", 5),
+    ("edvrm_vimeo90k", "EDVR_Vimeo90K_pretrained_for_IconVSR-ee48ee92.pth",
+     "16vR262NDVyVv5Q49xp2Sb-Llu05f63tt",
+     "ee48ee9240055f86a1c55cf3fbe8d7802bf017409fda9f9ea2ca09cfb57bcfe7", "Vimeo-90K", 7),
+):  # fmt: skip
+    register_weights(
+        weights_entry(
+            _name, "edvrm", {"num_frames": _frames}, _fname, "basicsr", (gdrive(_gid),), _data, None,
+            scale=1, sha256=_sha,
+            notes=f"BasicSR's EDVR-M feature extractor for IconVSR ({_frames} frames); initialises "
+            "IconVSR training.",
+        )
+    )  # fmt: skip
+for _name, _fname, _data, _frames in (
+    ("edvrm_reds_mmagic", "edvrm_reds_20210413-3867262f.pth", "REDS", 5),
+    ("edvrm_vimeo90k_mmagic", "edvrm_vimeo90k_20210413-e40e99a8.pth", "Vimeo-90K", 7),
+):
+    register_weights(
+        weights_entry(
+            _name, "edvrm", {"num_frames": _frames}, _fname, "mmagic", (MMAGIC_URL + "iconvsr/" + _fname,),
+            _data, None, scale=1,
+            notes=f"mmagic's EDVR-M for IconVSR ({_frames} frames); initialises IconVSR training.",
+        )
+    )  # fmt: skip

@@ -232,4 +232,117 @@ class KeyframeFeatures:
         return feature
 
 
-FAMILY = register(Family(name="iconvsr", title="IconVSR", builder=IconVSR, default_weights="iconvsr_reds4"))
+# -- published weights ------------------------------------------------------------------------
+from .basicvsr import PAPER_CONFIG  # noqa: E402
+from .registry import (  # noqa: E402
+    BASICSR_SCORES_NOTE,
+    MMAGIC_URL,
+    TRUNK_MMAGIC_RULES,
+    TRUNK_NATIVE_RULES,
+    Score,
+    StateDict,
+    WeightsEntry,
+    count_blocks,
+    gdrive,
+    score_row,
+    weights_entry,
+)
+
+# mmagic's retest of its released checkpoints, one row per checkpoint.
+_MM_SCORES: dict[str, dict[str, Score]] = {
+    "iconvsr_reds4": score_row(
+        (31.6926, 0.8951), (36.4983, 0.9416), (27.4809, 0.8354),
+        (35.3377, 0.9471), (34.4299, 0.9287), (25.2110, 0.7732),
+    ),
+    "iconvsr_vimeo90k_bi": score_row(
+        (30.3452, 0.8659), (37.3729, 0.9467), (27.4238, 0.8297),
+        (34.2595, 0.9398), (34.5548, 0.9295), (24.6666, 0.7491),
+    ),
+    "iconvsr_vimeo90k_bd": score_row(
+        (29.0150, 0.8465), (34.6780, 0.9339), (26.3109, 0.8028),
+        (40.0640, 0.9697), (37.7573, 0.9517), (28.2464, 0.8612),
+    ),
+}  # fmt: skip
+
+# Table 2 of the BasicVSR/IconVSR paper: each model on the test sets of its own degradation.
+_PAPER: dict[str, dict[str, Score]] = {
+    "iconvsr_reds4": {"REDS4 BI": (31.67, 0.8948)},
+    "iconvsr_vimeo90k_bi": {"Vimeo-90K-T BI": (37.47, 0.9476), "Vid4 BI": (27.39, 0.8279)},
+    "iconvsr_vimeo90k_bd": {
+        "UDM10 BD": (40.03, 0.9694),
+        "Vimeo-90K-T BD": (37.84, 0.9524),
+        "Vid4 BD": (28.04, 0.8570),
+    },
+}
+
+_RETRAINED_NOTE = (
+    "The released IconVSR weights were retrained after the paper; expect +-0.1-0.2 dB against paper_scores."
+)
+
+_WEIGHTS: list[WeightsEntry] = []
+# BasicSR's files (Google Drive only). The full digests come from a third-party model registry
+# that mirrors these exact files; each starts with BasicSR's own prefix.
+for _name, _fname, _gid, _sha, _data, _deg, _pad in (
+    ("iconvsr_reds4", "IconVSR_REDS-aaa5367f.pth", "1b8ir754uIAFUSJ8YW_cmPzqer19AR7Hz",
+     "aaa5367f64c6fc1e5839e13d65e596fc012608f0d22b02477324e6fe4edf99ad", "REDS", "BI", 2),
+    ("iconvsr_vimeo90k_bi", "IconVSR_Vimeo90K_BIx4-35fec07c.pth", "1lWUB36ERjFbAspr-8UsopJ6xwOuWjh2g",
+     "35fec07c2bc278e2b9f7180cf6d2aada49d6ed216da09803235ffd07de561771", "Vimeo-90K", "BI", 3),
+    ("iconvsr_vimeo90k_bd", "IconVSR_Vimeo90K_BDx4-cfcb7e00.pth", "13lp55s-YTd-fApx8tTy24bbHsNIGXdAH",
+     "cfcb7e002dbd89b5e0e3c06c122da033e21d43698a6a819c22f9ab3cf4c91dcd", "Vimeo-90K", "BD", 3),
+):  # fmt: skip
+    _WEIGHTS.append(
+        weights_entry(
+            _name, "iconvsr", {**PAPER_CONFIG, "temporal_padding": _pad}, _fname, "basicsr",
+            (gdrive(_gid),), _data, _deg, sha256=_sha, scores=_MM_SCORES[_name],
+            paper_scores=_PAPER[_name],
+            notes="Official BasicSR release (Google Drive only). " + BASICSR_SCORES_NOTE + " "
+            + _RETRAINED_NOTE,
+        )
+    )  # fmt: skip
+# mmagic / MMEditing's files. Only the name's digest prefix is known.
+for _name, _rel, _data, _deg, _pad in (
+    ("iconvsr_reds4", "iconvsr/iconvsr_reds4_20210413-9e09d621.pth", "REDS", "BI", 2),
+    ("iconvsr_vimeo90k_bi", "iconvsr/iconvsr_vimeo90k_bi_20210413-7c7418dc.pth", "Vimeo-90K", "BI", 3),
+    ("iconvsr_vimeo90k_bd", "iconvsr/iconvsr_vimeo90k_bd_20210414-5f38cb34.pth", "Vimeo-90K", "BD", 3),
+):
+    _WEIGHTS.append(
+        weights_entry(
+            f"{_name}_mmagic", "iconvsr", {**PAPER_CONFIG, "temporal_padding": _pad},
+            _rel.rsplit("/", 1)[1], "mmagic", (MMAGIC_URL + _rel,), _data, _deg,
+            scores=_MM_SCORES[_name], paper_scores=_PAPER[_name],
+            notes="Official mmagic/MMEditing release. " + _RETRAINED_NOTE,
+        )
+    )  # fmt: skip
+
+
+def infer_config(sd: StateDict) -> dict[str, object] | None:
+    """The options that give this native state dict's shapes, if it can be an IconVSR's."""
+    trunk = sd.get("forward_trunk.main.0.weight")
+    if trunk is None:
+        return None
+    blocks = count_blocks(sd, "forward_trunk.")
+    config: dict[str, object] = {"mid_channels": trunk.shape[0], "num_blocks": blocks}
+    if "edvr.fusion.feat_fusion.weight" in sd and "edvr.conv_first.weight" in sd:
+        edvr_channels = sd["edvr.conv_first.weight"].shape[0]
+        num_frames = sd["edvr.fusion.feat_fusion.weight"].shape[1] // max(edvr_channels, 1)
+        config["temporal_padding"] = (num_frames - 1) // 2
+        config["edvr_channels"] = edvr_channels
+    else:
+        config["refill"] = False
+    if "fusion.weight" in sd:
+        config["coupled"] = False
+    return config
+
+
+FAMILY = register(
+    Family(
+        name="iconvsr",
+        title="IconVSR",
+        builder=IconVSR,
+        weights=tuple(_WEIGHTS),
+        default_weights="iconvsr_reds4",
+        infer_config=infer_config,
+        mmagic_key_rules=TRUNK_MMAGIC_RULES,
+        native_key_rules=TRUNK_NATIVE_RULES,
+    )
+)

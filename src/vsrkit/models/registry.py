@@ -101,11 +101,15 @@ class Family:
     infer_config: Callable[[StateDict], dict[str, Any] | None] | None = None
     #: mmagic → native key renames, applied in order after the shared ones
     mmagic_key_rules: tuple[tuple[re.Pattern[str], str], ...] = ()
+    #: native → mmagic key renames (the inverse of ``mmagic_key_rules``), applied before the shared ones
+    native_key_rules: tuple[tuple[re.Pattern[str], str], ...] = ()
     #: extra checks of a full config against the rest of a training config, etc.
     notes: str = ""
 
 
 _FAMILIES: dict[str, Family] = {}
+# Entries of the shared components (SPyNet, EDVR-M), which are no family of their own.
+_COMPONENT_WEIGHTS: list[WeightsEntry] = []
 
 
 def register(family: Family) -> Family:
@@ -144,3 +148,116 @@ def default_family() -> Family:
     if len(defaults) != 1:
         raise AssertionError(f"exactly one family must be the default, found {len(defaults)}")
     return defaults[0]
+
+
+def register_weights(*entries: WeightsEntry) -> None:
+    """Add the weights entries of a shared component (called by the component's file at import)."""
+    _COMPONENT_WEIGHTS.extend(entries)
+
+
+def all_weights() -> dict[str, WeightsEntry]:
+    """Every published checkpoint, by name: each family's, then the components'."""
+    entries = [e for family in families().values() for e in family.weights] + _COMPONENT_WEIGHTS
+    registry = {e.name: e for e in entries}
+    if len(registry) != len(entries):
+        raise AssertionError("duplicate weights names")
+    return registry
+
+
+def weights_archs() -> dict[str, str]:
+    """Every name a weights entry's ``arch`` may take (families, their aliases and the components),
+    mapped to the ``arch`` it means."""
+    names: dict[str, str] = {}
+    for family in families().values():
+        names[family.name] = family.name
+        names.update({normalise_name(alias): family.name for alias in family.aliases})
+    names.update({e.arch: e.arch for e in _COMPONENT_WEIGHTS})
+    return names
+
+
+def count_blocks(sd: StateDict, prefix: str) -> int:
+    """How many residual blocks ``prefix`` (e.g. ``forward_trunk.``) holds in a native state dict."""
+    pattern = re.compile(re.escape(prefix) + r"main\.2\.(\d+)\.")
+    found = [int(m.group(1)) for k in sd if (m := pattern.match(k))]
+    return max(found) + 1 if found else 0
+
+
+#: mmagic names BasicVSR's and IconVSR's residual trunks ``*_resblocks``; vsrkit (as BasicSR) ``*_trunk``.
+TRUNK_MMAGIC_RULES = ((re.compile(r"^(backward|forward)_resblocks\."), r"\1_trunk."),)
+TRUNK_NATIVE_RULES = ((re.compile(r"^(backward|forward)_trunk\."), r"\1_resblocks."),)
+
+
+# -- helpers for the families' weights tables ------------------------------------------------
+
+#: Where mmagic / MMEditing publishes its restorers.
+MMAGIC_URL = "https://download.openmmlab.com/mmediting/restorers/"
+#: HolyWu/vs-basicvsrpp mirrors the BasicVSR++ files (and the mmagic SPyNet) byte for byte.
+HOLYWU_URL = "https://github.com/HolyWu/vs-basicvsrpp/releases/download/model/"
+
+#: Column names of the reference table (section 2 of the reference notes): REDS4 is RGB, the
+#: rest Y-channel, crop_border 0.
+#: The note on the scores of BasicSR's files (which come without metrics of their own).
+BASICSR_SCORES_NOTE = (
+    "BasicSR publishes no metrics for its files; scores are mmagic's test of its own release of "
+    "the same model (see the *_mmagic entry), a guide rather than a measurement of this file."
+)
+
+SCORE_KEYS = ("REDS4 BI", "Vimeo-90K-T BI", "Vid4 BI", "UDM10 BD", "Vimeo-90K-T BD", "Vid4 BD")
+
+
+def gdrive(file_id: str) -> str:
+    """The direct download address of a Google Drive file."""
+    return f"https://drive.google.com/uc?export=download&id={file_id}"
+
+
+def hash_prefix(filename: str) -> str:
+    """The 8-hex-digit sha256 prefix that BasicSR and OpenMMLab put in their file names."""
+    m = re.search(r"-([0-9a-f]{8})\.pth$", filename)
+    if not m:
+        raise ValueError(f"no hash prefix in {filename}")
+    return m.group(1)
+
+
+def score_row(*cells: Score) -> dict[str, Score]:
+    """One row of the reference table, keyed by :data:`SCORE_KEYS`."""
+    return dict(zip(SCORE_KEYS, cells, strict=True))
+
+
+def weights_entry(
+    name: str,
+    arch: str,
+    config: Mapping[str, Any],
+    filename: str,
+    layout: Layout,
+    urls: tuple[str, ...],
+    training_data: str,
+    degradation: str | None,
+    *,
+    scale: int = 4,
+    sha256: str | None = None,
+    scores: Mapping[str, Score] | None = None,
+    paper_scores: Mapping[str, Score] | None = None,
+    pypi: PyPISource | None = None,
+    notes: str = "",
+) -> WeightsEntry:
+    """A :class:`WeightsEntry` whose digest prefix is read from the official ``filename``."""
+    prefix = hash_prefix(filename)
+    if sha256 is not None and not sha256.startswith(prefix):
+        raise ValueError(f"{name}: sha256 does not start with the prefix of {filename}")
+    return WeightsEntry(
+        name=name,
+        arch=arch,
+        config=dict(config),
+        urls=urls,
+        filename=filename,
+        layout=layout,
+        training_data=training_data,
+        degradation=degradation,
+        scale=scale,
+        sha256=sha256,
+        sha256_prefix=prefix,
+        scores=dict(scores or {}),
+        paper_scores=dict(paper_scores or {}),
+        pypi=pypi,
+        notes=notes,
+    )

@@ -76,3 +76,24 @@ class SpyNet(nn.Module):
         flow = F.interpolate(self.compute_flow(ref, supp), size=(h, w), mode="bilinear", align_corners=False)
         # Python scalars, not a tensor made of them: an exported graph keeps them symbolic.
         return torch.cat([flow[:, :1] * (w / w_up), flow[:, 1:] * (h / h_up)], dim=1)
+
+
+# -- published weights ------------------------------------------------------------------------
+from .registry import HOLYWU_URL, MMAGIC_URL, gdrive, register_weights, weights_entry  # noqa: E402
+
+register_weights(
+    weights_entry(
+        "spynet", "spynet", {}, "spynet_sintel_final-3d2a1287.pth", "basicsr",
+        (gdrive("1VZz1cikwTRVX7zXoD247DB7n5Tj_LQpF"),), "Sintel final (SPyNet)", None, scale=1,
+        sha256="3d2a1287666aa71752ebaedc06999212886ef476f77d691a1b0006107088e714",
+        notes="BasicSR's SPyNet (flownet/spynet_sintel_final); used to initialise BasicVSR/IconVSR "
+        "training. Holds the mean/std buffers.",
+    ),
+    weights_entry(
+        "spynet_mmagic", "spynet", {}, "spynet_20210409-c6c1bd09.pth", "mmagic",
+        (MMAGIC_URL + "basicvsr/spynet_20210409-c6c1bd09.pth", HOLYWU_URL + "spynet_20210409-c6c1bd09.pth"),
+        "Sintel final (SPyNet)", None, scale=1,
+        notes="mmagic's SPyNet for BasicVSR/IconVSR/BasicVSR++ training. Plain SPyNet keys without "
+        "the 'generator.' prefix and without the mean/std buffers.",
+    ),
+)  # fmt: skip
