@@ -22,7 +22,22 @@ from ..memory import InferenceMemory
 from ..ops.warp import flow_warp
 from .base import StepInput, VSRModel, spynet_flow
 from .blocks import ConvResidualBlocks, add_upsample_tail, conv_act, run_upsample_tail, upsample_tail_memory
-from .registry import Family, register
+from .registry import (
+    BASICSR_SCORES_NOTE,
+    MMAGIC_URL,
+    TRUNK_MMAGIC_RULES,
+    TRUNK_NATIVE_RULES,
+    Family,
+    PyPISource,
+    Score,
+    StateDict,
+    WeightsEntry,
+    count_blocks,
+    gdrive,
+    register,
+    score_row,
+    weights_entry,
+)
 from .spynet import SpyNet
 
 
@@ -155,21 +170,6 @@ class BasicVSR(VSRModel):
 
 
 # -- published weights ------------------------------------------------------------------------
-# (imported here, beside the data, so that the class bodies above stay as they are)
-from .registry import (  # noqa: E402
-    BASICSR_SCORES_NOTE,
-    MMAGIC_URL,
-    TRUNK_MMAGIC_RULES,
-    TRUNK_NATIVE_RULES,
-    PyPISource,
-    Score,
-    StateDict,
-    WeightsEntry,
-    count_blocks,
-    gdrive,
-    score_row,
-    weights_entry,
-)
 
 # mmagic's retest of its released checkpoints, one row per checkpoint.
 _MM_SCORES: dict[str, dict[str, Score]] = {

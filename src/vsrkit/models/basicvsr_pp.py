@@ -33,7 +33,18 @@ from .blocks import (
     run_upsample_tail,
     upsample_tail_memory,
 )
-from .registry import Family, register
+from .registry import (
+    HOLYWU_URL,
+    MMAGIC_URL,
+    Family,
+    Score,
+    StateDict,
+    WeightsEntry,
+    count_blocks,
+    register,
+    score_row,
+    weights_entry,
+)
 from .spynet import SpyNet
 
 BRANCHES = ("backward_1", "forward_1", "backward_2", "forward_2")
@@ -254,16 +265,6 @@ class BasicVSRPlusPlus(VSRModel):
 
 # -- published weights ------------------------------------------------------------------------
 # All in mmagic's layout: there is no BasicSR release.
-from .registry import (  # noqa: E402
-    HOLYWU_URL,
-    MMAGIC_URL,
-    Score,
-    StateDict,
-    WeightsEntry,
-    count_blocks,
-    score_row,
-    weights_entry,
-)
 
 # mmagic's retest of its released checkpoints, one row per checkpoint.
 _MM_SCORES: dict[str, dict[str, Score]] = {

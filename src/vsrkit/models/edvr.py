@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from ..ops.deform_conv import deform_conv2d_from_logits
 from .blocks import ResidualBlockNoBN, conv3x3, conv_act
+from .registry import MMAGIC_URL, gdrive, register_weights, weights_entry
 
 
 def _lrelu(x: torch.Tensor) -> torch.Tensor:
@@ -184,7 +185,6 @@ class EDVRFeatureExtractor(nn.Module):
 
 
 # -- published weights: the EDVR-M feature extractors of IconVSR -------------------------------
-from .registry import MMAGIC_URL, gdrive, register_weights, weights_entry  # noqa: E402
 
 for _name, _fname, _gid, _sha, _data, _frames in (
     ("edvrm_reds", "EDVR_REDS_pretrained_for_IconVSR-f62a2f1e.pth", "1ShfwddugTmT3_kB8VL6KpCMrIpEO5sBi",

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from ..memory import InferenceMemory
 from ..ops.warp import flow_warp
 from .base import StepInput, VSRModel, spynet_flow
-from .basicvsr import split_segments
+from .basicvsr import PAPER_CONFIG, split_segments
 from .blocks import (
     ConvResidualBlocks,
     add_upsample_tail,
@@ -31,7 +31,21 @@ from .blocks import (
     upsample_tail_memory,
 )
 from .edvr import EDVRFeatureExtractor
-from .registry import Family, register
+from .registry import (
+    BASICSR_SCORES_NOTE,
+    MMAGIC_URL,
+    TRUNK_MMAGIC_RULES,
+    TRUNK_NATIVE_RULES,
+    Family,
+    Score,
+    StateDict,
+    WeightsEntry,
+    count_blocks,
+    gdrive,
+    register,
+    score_row,
+    weights_entry,
+)
 from .spynet import SpyNet
 
 # The references pad the EDVR-M window at the clip ends with these frames (not a mirror).
@@ -233,20 +247,6 @@ class KeyframeFeatures:
 
 
 # -- published weights ------------------------------------------------------------------------
-from .basicvsr import PAPER_CONFIG  # noqa: E402
-from .registry import (  # noqa: E402
-    BASICSR_SCORES_NOTE,
-    MMAGIC_URL,
-    TRUNK_MMAGIC_RULES,
-    TRUNK_NATIVE_RULES,
-    Score,
-    StateDict,
-    WeightsEntry,
-    count_blocks,
-    gdrive,
-    score_row,
-    weights_entry,
-)
 
 # mmagic's retest of its released checkpoints, one row per checkpoint.
 _MM_SCORES: dict[str, dict[str, Score]] = {

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from ..ops.warp import flow_warp
 from .blocks import conv_act
+from .registry import HOLYWU_URL, MMAGIC_URL, gdrive, register_weights, weights_entry
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -79,7 +80,6 @@ class SpyNet(nn.Module):
 
 
 # -- published weights ------------------------------------------------------------------------
-from .registry import HOLYWU_URL, MMAGIC_URL, gdrive, register_weights, weights_entry  # noqa: E402
 
 register_weights(
     weights_entry(
