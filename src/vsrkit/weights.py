@@ -179,11 +179,15 @@ def is_mmagic_layout(sd: dict[str, torch.Tensor]) -> bool:
 
 def mmagic_to_native(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """mmagic/mmediting keys → BasicSR keys (the steps of the reference notes, §1)."""
+    from .models import families
+
     out = {}
+    # mmagic's test mode runs the EMA generator where a checkpoint has one.
+    generator = "generator_ema." if any(k.startswith("generator_ema.") for k in sd) else "generator."
     for key, value in sd.items():
-        if key.startswith("generator."):
-            key = key[len("generator.") :]
-        elif key.startswith(("discriminator.", "ema.")):
+        if key.startswith(generator):
+            key = key[len(generator) :]
+        elif key.startswith(("generator.", "generator_ema.", "discriminator.", "ema.")):
             continue
         if key == "step_counter":
             continue
@@ -191,6 +195,9 @@ def mmagic_to_native(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if repl == "SPYNET":
                 key = pattern.sub(lambda m: f"{m.group(1)}{2 * int(m.group(2))}.", key)
             else:
+                key = pattern.sub(repl, key)
+        for family in families().values():
+            for pattern, repl in family.mmagic_key_rules:
                 key = pattern.sub(repl, key)
         out[key] = value
     return out
@@ -221,6 +228,11 @@ def native_to_mmagic(sd: dict[str, torch.Tensor], arch: str) -> dict[str, torch.
 
 # -- architecture inference -----------------------------------------------------------------
 def infer_arch(sd: dict[str, torch.Tensor]) -> str:
+    from .models import families
+
+    for family in families().values():
+        if family.infer_config is not None and family.infer_config(sd) is not None:
+            return family.name
     if any(k.startswith(("backbone.", "deform_align.")) for k in sd):
         return "basicvsr_pp"
     if (
@@ -242,6 +254,11 @@ def _num_blocks(sd: dict[str, torch.Tensor], prefix: str) -> int:
 
 def infer_config(sd: dict[str, torch.Tensor], arch: str) -> dict[str, Any]:
     """The constructor options that produce this state dict's shapes."""
+    from .models import get_family
+
+    family = get_family(arch)
+    if family.infer_config is not None and (config := family.infer_config(sd)) is not None:
+        return config
     if arch == "basicvsr_pp":
         config: dict[str, Any] = {
             "mid_channels": sd["backbone.backward_1.main.0.weight"].shape[0],
