@@ -1,0 +1,119 @@
+"""RealBasicVSR against mmagic 1.2.0's own network files (tests/mmagic_oracle.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vsrkit
+from mmagic_oracle import mmagic_real_basicvsr
+from vsrkit.models import get_family
+from vsrkit.models.registry import Family
+
+TINY = {"mid_channels": 8, "num_blocks": 2, "num_cleaning_blocks": 2}
+
+
+@pytest.fixture(scope="session")
+def mmagic_net(tmp_path_factory):
+    return mmagic_real_basicvsr(tmp_path_factory.mktemp("mmagic"))
+
+
+def _oracle(module, threshold: float, state_dict=None):
+    net = module.RealBasicVSRNet(
+        mid_channels=TINY["mid_channels"],
+        num_propagation_blocks=TINY["num_blocks"],
+        num_cleaning_blocks=TINY["num_cleaning_blocks"],
+        dynamic_refine_thres=threshold,
+    )
+    if state_dict is not None:
+        net.load_state_dict(state_dict)
+    return net.eval()
+
+
+def _perturbed(net: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """``net``'s state dict with every parameter moved by noise of its own size."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, value in net.state_dict().items():
+        if key.endswith(("spynet.mean", "spynet.std")):
+            sd[key] = value.clone()
+        else:
+            noise = torch.randn(value.shape, generator=gen) * (value.std() if value.numel() > 1 else 0.1)
+            sd[key] = value + 0.5 * noise
+    return sd
+
+
+def _count_calls(module: torch.nn.Module, means: list[float]):
+    return module.register_forward_hook(lambda m, i, out: means.append(float(out.abs().mean())))
+
+
+def _mmagic_checkpoint(path, state_dict: dict[str, torch.Tensor]) -> None:
+    """mmagic's training checkpoint: the EMA generator (the one to load), a different
+    generator and a discriminator, all under ``state_dict``."""
+    sd = {f"generator_ema.{k}": v for k, v in state_dict.items()}
+    sd.update({f"generator.{k}": v + 1.0 for k, v in state_dict.items()})
+    sd["discriminator.conv0.weight"] = torch.randn(4, 3, 3, 3)
+    sd["discriminator.conv0.bias"] = torch.randn(4)
+    torch.save({"meta": {"mmagic_version": "1.2.0"}, "state_dict": sd}, path)
+
+
+def test_parameter_count_and_entries():
+    family = get_family("realbasicvsr")
+    assert isinstance(family, Family) and family.name == "real_basicvsr"
+    model = vsrkit.create_model("real_basicvsr")
+    assert sum(p.numel() for p in model.parameters()) == 6_294_834
+    assert model.dynamic_refine_thres == 5.0 and model.refine_passes == 3
+    entries = {e.name: e for e in family.weights}
+    default = entries[family.default_weights]
+    assert default.config["dynamic_refine_thres"] == 5.0
+    thresholds = sorted(e.config["dynamic_refine_thres"] for e in entries.values())
+    assert thresholds == [1.5, 5.0]
+    for entry in entries.values():
+        assert entry.layout == "mmagic" and entry.degradation == "real" and entry.training_data == "REDS"
+        assert entry.urls[0].endswith(entry.filename) and entry.sha256_prefix in entry.filename
+        built = vsrkit.create_model(entry.arch, **entry.config)
+        assert sum(p.numel() for p in built.parameters()) == 6_294_834
+
+
+def test_oracle_parameter_count(mmagic_net):
+    net = mmagic_net.RealBasicVSRNet(dynamic_refine_thres=5)
+    assert sum(p.numel() for p in net.parameters()) == 6_294_834
+    native = vsrkit.create_model("real_basicvsr")
+    assert len(net.state_dict()) == len(native.state_dict())
+
+
+@pytest.mark.parametrize("passes", [1, 3])
+def test_equals_mmagic(mmagic_net, tmp_path, passes):
+    torch.manual_seed(0)
+    weights = _perturbed(_oracle(mmagic_net, 0.0), seed=passes)
+    lqs = torch.rand(1, 3, 3, 32, 40)
+
+    # The mean residue of each pass (oracle, never stopping early) sets a threshold that
+    # stops after the first pass, or one below every pass's mean so that all three run.
+    means: list[float] = []
+    probe = _oracle(mmagic_net, 0.0, weights)
+    handle = _count_calls(probe.image_cleaning, means)
+    with torch.no_grad():
+        probe(lqs.clone())
+    handle.remove()
+    assert len(means) == 3 and min(means) > 1e-3
+    threshold = 255 * (2 * means[0] if passes == 1 else 0.5 * min(means[:2]))
+
+    oracle_means: list[float] = []
+    oracle = _oracle(mmagic_net, threshold, weights)
+    _count_calls(oracle.image_cleaning, oracle_means)
+    with torch.no_grad():
+        expected = oracle(lqs.clone())
+
+    path = tmp_path / "realbasicvsr_mmagic.pth"
+    _mmagic_checkpoint(path, weights)
+    model = vsrkit.create_model(checkpoint=path, dynamic_refine_thres=threshold)
+    assert model.arch == "real_basicvsr" and model.config == {**TINY, "dynamic_refine_thres": threshold}
+    native_means: list[float] = []
+    _count_calls(model.image_cleaning, native_means)
+    with torch.no_grad():
+        got = model(lqs.clone())
+
+    assert len(oracle_means) == len(native_means) == passes
+    assert got.shape == expected.shape == (1, 3, 3, 128, 160)
+    assert (got - expected).abs().max().item() < 1e-5
