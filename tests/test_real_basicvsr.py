@@ -117,3 +117,30 @@ def test_equals_mmagic(mmagic_net, tmp_path, passes):
     assert len(oracle_means) == len(native_means) == passes
     assert got.shape == expected.shape == (1, 3, 3, 128, 160)
     assert (got - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("passes", [1, 3])
+def test_cleaning_for_export_equals_eager(passes, monkeypatch):
+    """torch.export cannot branch on the clip-wide mean: the branchless cleaning it traces
+    gives the eager result whether the passes stop after the first or run all three."""
+    from vsrkit.models import real_basicvsr
+
+    torch.manual_seed(passes)
+    model = vsrkit.create_model("real_basicvsr", **TINY).eval()
+    lqs = torch.rand(1, 3, 3, 16, 20)
+    means: list[float] = []
+    _count_calls(model.image_cleaning, means)
+    model.dynamic_refine_thres = 0.0
+    with torch.no_grad():
+        model.clean(lqs)
+    assert len(means) == 3 and min(means) > 0
+    if passes == 1:
+        model.dynamic_refine_thres = 255 * means[0] * 1.01
+    means.clear()
+    with torch.no_grad():
+        eager = model.clean(lqs)
+    assert len(means) == passes
+    monkeypatch.setattr(real_basicvsr, "is_exporting", lambda: True)
+    with torch.no_grad():
+        branchless = model.clean(lqs)
+    assert torch.equal(eager, branchless)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .basicvsr import BasicVSR
-from .blocks import ConvResidualBlocks, conv3x3
+from .blocks import ConvResidualBlocks, conv3x3, is_exporting
 from .registry import Family, StateDict, WeightsEntry, register
 
 
@@ -52,12 +52,24 @@ class RealBasicVSR(BasicVSR):
         """The cleaned clip (N, T, 3, H, W): the passes stop on the mean over the whole clip."""
         n, t, c, h, w = lqs.shape
         frames = lqs.reshape(n * t, c, h, w)
+        if is_exporting():
+            return self._clean_without_branching(frames).view(n, t, c, h, w)
         for _ in range(self.refine_passes):
             residues = self.refine(frames)
             frames = frames + residues
             if self.refine_done(float(residues.detach().abs().mean())):
                 break
         return frames.view(n, t, c, h, w)
+
+    def _clean_without_branching(self, frames: torch.Tensor) -> torch.Tensor:
+        """The same passes for torch.export, which cannot branch on a tensor's value: every pass
+        runs, and those after the stop add their residue times zero."""
+        keep = frames.new_ones(())
+        for _ in range(self.refine_passes):
+            residues = self.refine(frames)
+            frames = frames + keep * residues
+            keep = keep * (residues.abs().mean() >= self.dynamic_refine_thres / 255).to(frames.dtype)
+        return frames
 
     def forward(self, lqs: torch.Tensor) -> torch.Tensor:
         """(N, T, 3, H, W) in [0, 1] → (N, T, 3, 4H, 4W)."""
