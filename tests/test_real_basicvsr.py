@@ -132,15 +132,15 @@ def test_cleaning_for_export_equals_eager(passes, monkeypatch):
     _count_calls(model.image_cleaning, means)
     model.dynamic_refine_thres = 0.0
     with torch.no_grad():
-        model.clean(lqs)
+        model.refine_clip(lqs)
     assert len(means) == 3 and min(means) > 0
     if passes == 1:
         model.dynamic_refine_thres = 255 * means[0] * 1.01
     means.clear()
     with torch.no_grad():
-        eager = model.clean(lqs)
+        eager = model.refine_clip(lqs)
     assert len(means) == passes
     monkeypatch.setattr(real_basicvsr, "is_exporting", lambda: True)
     with torch.no_grad():
-        branchless = model.clean(lqs)
+        branchless = model.refine_clip(lqs)
     assert torch.equal(eager, branchless)

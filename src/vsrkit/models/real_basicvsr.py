@@ -48,12 +48,19 @@ class RealBasicVSR(BasicVSR):
     def refine_done(self, mean_abs_residue: float) -> bool:
         return mean_abs_residue < self.dynamic_refine_thres / 255
 
-    def clean(self, lqs: torch.Tensor) -> torch.Tensor:
+    def refine_clip(self, lqs: torch.Tensor) -> torch.Tensor:
         """The cleaned clip (N, T, 3, H, W): the passes stop on the mean over the whole clip."""
         n, t, c, h, w = lqs.shape
         frames = lqs.reshape(n * t, c, h, w)
         if is_exporting():
-            return self._clean_without_branching(frames).view(n, t, c, h, w)
+            # torch.export cannot branch on a tensor's value: every pass runs, and those after
+            # the stop add their residue times zero.
+            keep = frames.new_ones(())
+            for _ in range(self.refine_passes):
+                residues = self.refine(frames)
+                frames = frames + keep * residues
+                keep = keep * (residues.abs().mean() >= self.dynamic_refine_thres / 255).to(frames.dtype)
+            return frames.view(n, t, c, h, w)
         for _ in range(self.refine_passes):
             residues = self.refine(frames)
             frames = frames + residues
@@ -61,19 +68,9 @@ class RealBasicVSR(BasicVSR):
                 break
         return frames.view(n, t, c, h, w)
 
-    def _clean_without_branching(self, frames: torch.Tensor) -> torch.Tensor:
-        """The same passes for torch.export, which cannot branch on a tensor's value: every pass
-        runs, and those after the stop add their residue times zero."""
-        keep = frames.new_ones(())
-        for _ in range(self.refine_passes):
-            residues = self.refine(frames)
-            frames = frames + keep * residues
-            keep = keep * (residues.abs().mean() >= self.dynamic_refine_thres / 255).to(frames.dtype)
-        return frames
-
     def forward(self, lqs: torch.Tensor) -> torch.Tensor:
         """(N, T, 3, H, W) in [0, 1] → (N, T, 3, 4H, 4W)."""
-        return super().forward(self.clean(lqs))
+        return super().forward(self.refine_clip(lqs))
 
 
 def _count_blocks(sd: StateDict, prefix: str) -> int:
