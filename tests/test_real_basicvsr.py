@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -144,3 +145,44 @@ def test_cleaning_for_export_equals_eager(passes, monkeypatch):
     with torch.no_grad():
         branchless = model.refine_clip(lqs)
     assert torch.equal(eager, branchless)
+
+
+@pytest.mark.parametrize("passes", [1, 3])
+def test_engine_streams_exactly(passes, shared_data, tmp_path):
+    """`vsrkit upscale`'s engine in segments of 2 frames, with the cleaning passes run over the
+    spooled clip, equals one `forward` (the weights saved in vsrkit's format, the threshold set
+    when loading them)."""
+    from vsrkit.data.video import read_all_frames
+    from vsrkit.engine import Upscaler, tensor_to_frame, upscale_frames
+    from vsrkit.weights import save_vsrkit
+
+    frames = read_all_frames(shared_data / "reds_lr_000", max_frames=4)[:, 40:72, 100:140].copy()
+    lqs = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div(255)[None]
+    torch.manual_seed(passes)
+    probe = vsrkit.create_model("real_basicvsr", **TINY, dynamic_refine_thres=0.0).eval()
+    probe.load_state_dict(_perturbed(probe, seed=passes))
+    means: list[float] = []
+    _count_calls(probe.image_cleaning, means)
+    with torch.no_grad():
+        probe(lqs)
+    assert len(means) == 3 and min(means) > 1e-3
+    threshold = 255 * (2 * means[0] if passes == 1 else 0.5 * min(means[:2]))
+    path = tmp_path / "tiny.safetensors"
+    save_vsrkit(probe, path)
+    model = vsrkit.create_model(checkpoint=path, dynamic_refine_thres=threshold)
+    with torch.no_grad():
+        expected = model(lqs)[0]
+
+    engine = Upscaler(model, device="cpu", segment_frames=2)
+    refined: list[int] = []
+    original = engine.model.refine
+    engine.model.refine = lambda lq: (refined.append(lq.shape[0]), original(lq))[1]
+    streamed = torch.cat(list(engine.run_tensors(iter(frames))))
+    assert sum(refined) == passes * len(frames)
+    assert streamed.shape == expected.shape
+    assert (streamed - expected).abs().max().item() <= 1e-4
+
+    if passes == 1:  # what `vsrkit upscale` writes: 8-bit frames, within one level
+        out = np.stack(list(upscale_frames(iter(frames), model, device="cpu", segment_frames=2)))
+        want = np.stack([tensor_to_frame(frame[None]) for frame in expected])
+        assert np.abs(out.astype(int) - want.astype(int)).max() <= 1

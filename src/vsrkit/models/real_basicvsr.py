@@ -49,28 +49,22 @@ class RealBasicVSR(BasicVSR):
         return mean_abs_residue < self.dynamic_refine_thres / 255
 
     def refine_clip(self, lqs: torch.Tensor) -> torch.Tensor:
-        """The cleaned clip (N, T, 3, H, W): the passes stop on the mean over the whole clip."""
+        """The cleaned clip (N, T, 3, H, W): ``VSRModel``'s passes, which stop on the clip-wide mean.
+
+        ``forward`` is the inherited whole-clip loop, which runs this before the steps.
+        """
+        if not is_exporting():
+            return super().refine_clip(lqs)
+        # torch.export cannot branch on a tensor's value: every pass runs, and those after the
+        # stop add their residue times zero.
         n, t, c, h, w = lqs.shape
         frames = lqs.reshape(n * t, c, h, w)
-        if is_exporting():
-            # torch.export cannot branch on a tensor's value: every pass runs, and those after
-            # the stop add their residue times zero.
-            keep = frames.new_ones(())
-            for _ in range(self.refine_passes):
-                residues = self.refine(frames)
-                frames = frames + keep * residues
-                keep = keep * (residues.abs().mean() >= self.dynamic_refine_thres / 255).to(frames.dtype)
-            return frames.view(n, t, c, h, w)
+        keep = frames.new_ones(())
         for _ in range(self.refine_passes):
             residues = self.refine(frames)
-            frames = frames + residues
-            if self.refine_done(float(residues.detach().abs().mean())):
-                break
+            frames = frames + keep * residues
+            keep = keep * (residues.abs().mean() >= self.dynamic_refine_thres / 255).to(frames.dtype)
         return frames.view(n, t, c, h, w)
-
-    def forward(self, lqs: torch.Tensor) -> torch.Tensor:
-        """(N, T, 3, H, W) in [0, 1] → (N, T, 3, 4H, 4W)."""
-        return super().forward(self.refine_clip(lqs))
 
 
 def _count_blocks(sd: StateDict, prefix: str) -> int:
