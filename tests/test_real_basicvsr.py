@@ -76,11 +76,23 @@ def test_parameter_count_and_entries():
         assert sum(p.numel() for p in built.parameters()) == 6_294_834
 
 
-def test_oracle_parameter_count(mmagic_net):
+def test_oracle_parameter_count_and_key_rules(mmagic_net):
+    from vsrkit.models.real_basicvsr import NATIVE_KEY_RULES
+    from vsrkit.weights import mmagic_to_native
+
     net = mmagic_net.RealBasicVSRNet(dynamic_refine_thres=5)
     assert sum(p.numel() for p in net.parameters()) == 6_294_834
-    native = vsrkit.create_model("real_basicvsr")
-    assert len(net.state_dict()) == len(native.state_dict())
+    mmagic = net.state_dict()
+    native = vsrkit.create_model("real_basicvsr").state_dict()
+    # mmagic → native (what loading does) and back (the rules for writing mmagic's layout).
+    shapes = {k: v.shape for k, v in native.items()}
+    assert {k: v.shape for k, v in mmagic_to_native(mmagic).items()} == shapes
+    written = {}
+    for key, value in native.items():
+        for pattern, repl in NATIVE_KEY_RULES:
+            key = pattern.sub(repl, key)
+        written[key] = value.shape
+    assert written == {k: v.shape for k, v in mmagic.items()}
 
 
 @pytest.mark.parametrize("passes", [1, 3])

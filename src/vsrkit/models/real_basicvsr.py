@@ -101,6 +101,21 @@ MMAGIC_KEY_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^basicvsr\."), ""),
 )
 
+# The inverse, native → mmagic, for writing mmagic's layout: complete in itself (the shared
+# renames, anchored on ``spynet.``/``upconv``, then find nothing left to do).
+NATIVE_KEY_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
+    *(
+        (
+            re.compile(rf"^spynet\.basic_module\.(\d+)\.basic_module\.{2 * level}\."),
+            rf"basicvsr.spynet.basic_module.\1.basic_module.{level}.conv.",
+        )
+        for level in range(5)
+    ),
+    (re.compile(r"^(backward|forward)_trunk\."), r"basicvsr.\1_resblocks."),
+    (re.compile(r"^upconv([12])\."), r"basicvsr.upsample\1.upsample_conv."),
+    (re.compile(r"^(?!image_cleaning\.|basicvsr\.)"), "basicvsr."),
+)
+
 _CONFIG: dict[str, Any] = {"mid_channels": 64, "num_blocks": 20, "num_cleaning_blocks": 20}
 _MMAGIC_URL = "https://download.openmmlab.com/mmediting/restorers/real_basicvsr/"
 _NO_PSNR_NOTE = (
