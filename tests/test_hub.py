@@ -301,6 +301,7 @@ def test_stale_partial_files_are_cleaned_up(
 _CHILD = """
 import sys
 from vsrkit import hub
+from vsrkit.models import families
 url, digest = sys.argv[1], sys.argv[2]
 hub.WEIGHTS["test_weights"] = hub.WeightsEntry(
     name="test_weights", arch="basicvsr", config={}, urls=(url,), filename="test_weights.pth",
@@ -463,7 +464,8 @@ def test_registry_is_consistent() -> None:
     assert hub.DEFAULT_WEIGHTS in hub.WEIGHTS
     for name, e in hub.WEIGHTS.items():
         assert e.name == name
-        assert e.arch in {"basicvsr", "iconvsr", "basicvsr_pp", "spynet", "edvrm"}
+        # A family's checkpoint, or a component's (no degradation: it restores nothing by itself).
+        assert e.arch in families() or e.degradation is None, name
         assert e.layout in {"basicsr", "mmagic"}
         # The prefix in the official name is the start of the file's sha256.
         assert e.sha256_prefix and e.filename.endswith(f"-{e.sha256_prefix}.pth")

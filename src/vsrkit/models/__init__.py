@@ -55,6 +55,7 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "mid_channels": (1, 1024),
     "edvr_channels": (1, 1024),
     "num_blocks": (0, 100),
+    "num_cleaning_blocks": (0, 100),
     "keyframe_stride": (1, 100_000),
     "num_segments": (1, 100_000),
 }
