@@ -24,6 +24,7 @@ import pytest
 
 from vsrkit import download, hub
 from vsrkit.errors import VsrkitError
+from vsrkit.models import families
 
 OFFICIAL_REDS4_SHA256 = "543c826113a9efdc971572320a9e259833fc230f843d94f7ef7270c92b5ea4dc"
 # Read before the autouse fixture clears it: CI may point it at a folder holding the
@@ -301,7 +302,6 @@ def test_stale_partial_files_are_cleaned_up(
 _CHILD = """
 import sys
 from vsrkit import hub
-from vsrkit.models import families
 url, digest = sys.argv[1], sys.argv[2]
 hub.WEIGHTS["test_weights"] = hub.WeightsEntry(
     name="test_weights", arch="basicvsr", config={}, urls=(url,), filename="test_weights.pth",
