@@ -35,6 +35,19 @@ def add_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument(
+        "--backend",
+        default="pytorch",
+        choices=["pytorch", "onnxruntime"],
+        help="onnxruntime: run the model's steps as ONNX graphs (exported once, cached; fp32)",
+    )
+    p.add_argument(
+        "--providers",
+        default=None,
+        metavar="LIST",
+        help="--backend onnxruntime: execution providers, comma-separated, in order of preference "
+        "(e.g. CUDAExecutionProvider,CPUExecutionProvider; default: CPUExecutionProvider)",
+    )
+    p.add_argument(
         "--tile",
         type=int,
         default=None,
@@ -108,6 +121,8 @@ def options_from_args(args: argparse.Namespace) -> dict:
         weights=args.weights,
         device=args.device,
         precision=args.precision,
+        backend=args.backend,
+        providers=args.providers,
         tile=args.tile,
         tile_overlap=args.tile_overlap,
         segment_frames=args.segment_frames,
@@ -132,9 +147,10 @@ def run(args: argparse.Namespace) -> int:
 
     summary = upscale(args.input, args.output, **options_from_args(args))
     w, h = summary["output_size"]
+    backend = "" if summary["backend"] == "pytorch" else f", {summary['backend']}"
     print(
         f"wrote {summary['output']}: {summary['frames']} frames at {w}x{h} "
         f"in {summary['seconds']:.1f} s ({summary['seconds'] / max(summary['frames'], 1):.2f} s/frame, "
-        f"{summary['device']}, {summary['precision']})"
+        f"{summary['device']}, {summary['precision']}{backend})"
     )
     return 0
