@@ -4,6 +4,10 @@ Bidirectional models need the whole future of a frame before they can output it:
 references keep every frame's features in memory (about 26 MB per frame at 180×320 for
 BasicVSR, 105 MB for BasicVSR++) and fail past a few hundred frames. Here:
 
+The engine learns everything about a model from the :class:`~vsrkit.models.base.VSRModel`
+interface (``streams_exactly``, ``pad_multiple``, ``scale``, the per-frame steps), never from
+its name; the families below are examples.
+
 **BasicVSR and IconVSR: exact streaming.** The input is spooled once to a temporary file of
 raw LR frames (uint8, 173 kB per 180×320 frame; uint16 for deeper input). Pass 1 runs
 the backward branch over the whole clip from the last frame, saving the backward state at
@@ -18,6 +22,14 @@ which costs one more backward trunk per frame (about a third of BasicVSR's work 
 Memory holds ``segment_frames`` states; disk holds one state per recomputed segment plus the
 stored ones. The result equals
 the one-pass output (differences are float rounding, measured ≤ 1e-5).
+
+**Refine passes.** A model with ``refine_passes`` (RealBasicVSR's image cleaning) first gets
+up to that many passes over the spooled clip, whole frames (padded as the steps need) one at a
+time: each writes ``lq + model.refine(lq)`` to a new raw fp32 file in the temporary folder (12
+bytes per LR pixel per frame; the previous pass's file is removed once the next is complete) and
+sums |residue| in float64; after a pass, ``model.refine_done(mean)`` decides whether another
+runs. The steps then read the refined frames. The result equals :meth:`VSRModel.propagate_clip`
+on the whole clip; ``progress`` does not count these passes.
 
 **BasicVSR++: overlapping windows.** Its four interleaved branches have no cheap exact
 decomposition. The clip is processed in windows of ``window_frames`` frames that overlap by
@@ -69,7 +81,7 @@ from .checks import DEVICE, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT, 
 from .errors import VsrkitError
 from .fsutil import disk_full_error, is_disk_full, make_spill_dir, remove_dead_spill
 from .memory import available_memory, format_mb
-from .models.iconvsr import pad_to_multiple
+from .models.base import StepInput, VSRModel, pad_to_multiple
 from .ops import nnpack
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -389,6 +401,49 @@ class _HRSpool:
         return acc.div_(norm)
 
 
+class _RefinedFrames:
+    """Frames changed by a model's refine pass: (1, 3, H, W) fp32 in one raw file (12 bytes a pixel)."""
+
+    def __init__(self, spill: _SpillDir, name: str) -> None:
+        self.spill = spill
+        self.path = spill.path / name
+        self.file = open(self.path, "w+b")  # noqa: SIM115 - closed by close()
+        self.shape: tuple[int, ...] | None = None
+        self.count = 0
+
+    def write(self, lq: torch.Tensor) -> None:
+        array = lq.detach().float().cpu().numpy()
+        if self.shape is None:
+            self.shape = array.shape
+            self.frame_bytes = array.nbytes
+        try:
+            self.file.write(array.tobytes())
+        except OSError as exc:
+            self.spill.disk_full(exc)
+            raise
+        self.count += 1
+
+    def finish(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as exc:
+            self.spill.disk_full(exc)
+            raise
+
+    def read(self, index: int) -> torch.Tensor:
+        assert self.shape is not None
+        self.file.seek(index * self.frame_bytes)
+        data = np.frombuffer(self.file.read(self.frame_bytes), dtype=np.float32).reshape(self.shape)
+        return torch.from_numpy(data.copy())
+
+    def read_to(self, device: torch.device) -> Callable[[int], torch.Tensor]:
+        return lambda i: self.read(i).to(device)
+
+    def close(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class RunPlan:
     """How a clip will be run: the tile size (None: whole frames), tiles per group, the estimate."""
@@ -419,6 +474,8 @@ class Upscaler:
     """Runs a model over a stream of frames. ``run(frames)`` yields HR frames (the input's dtype) in order."""
 
     def __init__(self, model: nn.Module, options: EngineOptions | None = None, **kwargs) -> None:
+        if not isinstance(model, VSRModel):
+            raise VsrkitError(f"unsupported model type {type(model).__name__} (not a vsrkit VSRModel)")
         self.options = options or EngineOptions(**kwargs)
         self.options.check()
         self.device = resolve_device(self.options.device)
@@ -435,15 +492,9 @@ class Upscaler:
                 keep_freed_memory()
         else:
             self.model = model.to(self.device).eval()
-        self.arch = getattr(model, "arch", None) or {
-            "BasicVSR": "basicvsr",
-            "IconVSR": "iconvsr",
-            "BasicVSRPlusPlus": "basicvsr_pp",
-        }.get(type(model).__name__)
-        if self.arch is None:
-            raise VsrkitError(f"unsupported model type {type(model).__name__}")
-        self.scale = 4 if getattr(model, "is_low_res_input", True) else 1
+        self.scale = model.scale
         self._progress: Callable[[int], None] | None = None
+        self._refined: _RefinedFrames | None = None
         self._frame_dtype: np.dtype | None = np.dtype(np.uint8)
         tile, overlap = self.options.tile, self.options.tile_overlap
         if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int)):
@@ -460,19 +511,19 @@ class Upscaler:
             raise VsrkitError(f"--tile-overlap {overlap} is too large (at most {_max_tile_side // 2 - 1})")
 
     def progress_total(self, num_frames: int) -> int:
-        """How many times ``run`` calls ``progress(1)`` for a clip: the backward pass counts too."""
-        two_pass = self.arch in ("basicvsr", "iconvsr") and getattr(self.model, "bidirectional", True)
+        """How many times ``run`` calls ``progress(1)`` for a clip: the backward pass counts too.
+
+        A model's refine passes (which may stop early) are not counted.
+        """
+        two_pass = self.model.streams_exactly and self.model.bidirectional
         return 2 * num_frames if two_pass else num_frames
 
     # -- memory ---------------------------------------------------------------------------------
     def _windowed(self) -> bool:
-        return self.arch == "basicvsr_pp"
+        return not self.model.streams_exactly
 
     def _tile_multiple(self) -> int:
-        if self._windowed():
-            return 4 if not getattr(self.model, "is_low_res_input", True) else 1
-        # IconVSR's PCD has two stride-2 levels: its frames are padded to multiples of 4.
-        return 4 if self.arch == "iconvsr" else 1
+        return self.model.pad_multiple
 
     def estimate(
         self, height: int, width: int, tile_height: int, tile_width: int, group: int, frames: int
@@ -488,9 +539,7 @@ class Upscaler:
             per_tile = window * hr_tile
             work = window * mem.frame_state + mem.step + 2 * window * 3 * 4 * pixels
         else:
-            kept = (
-                min(self.options.segment_frames, frames) if getattr(self.model, "bidirectional", True) else 0
-            )
+            kept = min(self.options.segment_frames, frames) if self.model.bidirectional else 0
             flows = 2 * (self.options.flow_batch + 1) * 2 * 4 * pixels
             lq_cache = 18 * 3 * 4 * pixels
             per_tile = (kept + 2) * mem.frame_state + mem.clip_state + hr_tile + flows + lq_cache
@@ -498,7 +547,13 @@ class Upscaler:
         # The HR frame: the blend's sum and weights, the result, the 8-bit frame and the
         # writer's copy (four fp32 frames cover them), plus one whole LR frame in fp32.
         frame = (4 * 3 * self.scale**2 * 4 + 12) * height * width
-        return _RUN_OVERHEAD + group * per_tile + work + frame
+        peak = _RUN_OVERHEAD + group * per_tile + work + frame
+        if self.model.refine_passes > 0 and not self._windowed():
+            # Refine passes run alone, before the steps, on whole frames: one refine call (its
+            # step bound) plus the frame, its residue and the refined frame in fp32.
+            refine = self.model.inference_memory(height, width, element_size).step + 3 * 12 * height * width
+            peak = max(peak, _RUN_OVERHEAD + refine)
+        return peak
 
     def plan(self, height: int, width: int, frames: int, notice: bool = True) -> RunPlan:
         """Choose the tiling for (height, width) LR frames from the estimate and the memory available."""
@@ -560,6 +615,17 @@ class Upscaler:
         return autocast_context(self.device, self.options.precision)
 
     def _lq(self, spool: _FrameSpool, index: int, box: _Tile | None = None) -> torch.Tensor:
+        """Frame ``index`` as (1, 3, H, W) fp32, padded as the steps need (refined, if the model refines)."""
+        if self._refined is not None:
+            lq = self._refined.read(index).to(self.device)
+        else:
+            lq = self._spooled_lq(spool, index)
+        if box is not None:
+            # A group's part only (a copy, so that the whole frame is freed).
+            lq = box.crop(lq).clone()
+        return lq
+
+    def _spooled_lq(self, spool: _FrameSpool, index: int) -> torch.Tensor:
         array = spool.read(index)
         if array.dtype == np.uint16:
             # Converted on the host: uint16 tensors lack most operations.
@@ -568,20 +634,16 @@ class Upscaler:
         else:
             frame = torch.from_numpy(array.copy()).to(self.device)
             lq = frame.permute(2, 0, 1).unsqueeze(0).float().div_(255)
-        if self.arch == "iconvsr":
-            # PCD's two stride-2 levels need sides that are multiples of 4.
-            lq = pad_to_multiple(lq.unsqueeze(1), 4)[:, 0]
-        if box is not None:
-            # A group's part only (a copy, so that the whole frame is freed).
-            lq = box.crop(lq).clone()
+        multiple = self.model.pad_multiple
+        if multiple > 1 and self.model.streams_exactly:
+            # The steps need sides that are multiples of pad_multiple (a windowed model's
+            # forward pads by itself).
+            lq = pad_to_multiple(lq.unsqueeze(1), multiple)[:, 0]
         return lq
 
     def _flow(self, ref: torch.Tensor, supp: torch.Tensor) -> torch.Tensor:
-        """Flows for a batch of pairs; SPyNet's output is always fp32."""
-        # Under autocast (CUDA) flows stay fp32: bf16 pixel offsets would be off by up to half a
-        # pixel at 320 px. A CPU-prepared SPyNet keeps its flow sums in fp32 by itself.
-        with torch.autocast(self.device.type, enabled=False):
-            return self.model.spynet(ref.float(), supp.float()).float()
+        """Flows for a batch of pairs, fp32 whatever the precision (see ``VSRModel.flow``)."""
+        return self.model.flow(ref, supp)
 
     def _flows(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """``spynet(ref, supp)`` for each pair, ``flow_batch`` pairs per SPyNet call."""
@@ -618,8 +680,13 @@ class Upscaler:
         try:
             spool = _FrameSpool(spill, frames)
             self._frame_dtype = spool.dtype
+            if len(spool) < self.model.min_frames:
+                need = self.model.min_frames
+                raise VsrkitError(f"{self._title()} needs at least {need} frames; the input has {len(spool)}")
             run_plan = self.plan(*spool.shape[:2], len(spool))
             with torch.inference_mode():
+                if self.model.refine_passes > 0 and self.model.streams_exactly:
+                    self._refined = self._refine(spool, spill)
                 if self._windowed():
                     steps = self._run_windows(spool, spill, run_plan)
                 else:
@@ -629,12 +696,51 @@ class Upscaler:
                     if progress is not None:
                         progress(1)
         finally:
+            if self._refined is not None:
+                self._refined.close()
+                self._refined = None
             if spool is not None:
                 spool.close()
             spill.close()
             nnpack.release_scratch()  # the NNPACK calls' scratch memory, kept between calls
 
-    # -- BasicVSR / IconVSR: exact streaming -------------------------------------------------
+    def _title(self) -> str:
+        family = getattr(type(self.model), "family", None)
+        return family.title if family is not None else type(self.model).__name__
+
+    def _refine(self, spool: _FrameSpool, spill: _SpillDir) -> _RefinedFrames:
+        """The model's refine passes over the whole clip, each into a new fp32 frame file.
+
+        Whole frames, padded as the steps need; the clip-wide mean |residue| is summed in
+        float64 and decides, after each pass, whether the next one runs.
+        """
+        source: Callable[[int], torch.Tensor] = lambda i: self._spooled_lq(spool, i)  # noqa: E731
+        refined: _RefinedFrames | None = None
+        for n in range(self.model.refine_passes):
+            out = _RefinedFrames(spill, f"refined_{n}.f32")
+            total, count = 0.0, 0
+            try:
+                for i in range(len(spool)):
+                    lq = source(i)
+                    with self._autocast():
+                        residue = self.model.refine(lq).float()
+                    total += residue.abs().sum(dtype=torch.float64).item()
+                    count += residue.numel()
+                    out.write(lq + residue)
+                out.finish()
+            except BaseException:
+                out.close()
+                raise
+            if refined is not None:
+                refined.close()  # the previous pass's frames: no longer read
+            refined = out
+            source = refined.read_to(self.device)
+            if self.model.refine_done(total / count):
+                break
+        assert refined is not None
+        return refined
+
+    # -- exact streaming through the model's steps ----------------------------------------------
     def _run_tiled(self, spool: _FrameSpool, spill: _SpillDir, run_plan: RunPlan) -> Iterator[torch.Tensor]:
         """All tiles in lockstep where they fit; else group after group through an HR spool."""
         h0, w0 = spool.shape[:2]
@@ -672,45 +778,36 @@ class Upscaler:
     ) -> Iterator[list[torch.Tensor]]:
         """Each frame's HR tile outputs, for ``tiles`` of the part ``box`` of the frames."""
         model, t = self.model, len(spool)
-        iconvsr = self.arch == "iconvsr"
-        if iconvsr and t < model.min_frames:
-            raise VsrkitError(
-                f"IconVSR (temporal_padding={model.temporal_padding}) needs at least {model.min_frames} "
-                f"frames; the input has {t}"
-            )
-        keys = set(model.keyframes(t)) if iconvsr else set()
-        bidirectional = getattr(model, "bidirectional", True)
+        keys = set(model.keyframes(t))
+        bidirectional = model.bidirectional
         k = self.options.segment_frames
         segments = [range(s, min(s + k, t)) for s in range(0, t, k)]
         # Segments (by start) whose backward states pass 1 stores on disk, within
         # state_disk_mb: pass 2 reads them instead of recomputing the segment.
         stored: set[int] = set()
         disk_budget = max(0.0, self.options.state_disk_mb) * 2**20
-        image_alignment = getattr(model, "alignment", None) == "image"
 
         # Pass 1 visits the keyframes last first; each tile keeps its own frame pyramids.
         pass1_keys = sorted(keys, reverse=True)
-        keyframe_features = [model.keyframe_features(t, pass1_keys) for _ in tiles] if iconvsr else []
+        keyframe_features = [model.keyframe_features(t, pass1_keys) for _ in tiles] if keys else []
 
-        def refill(
+        def keyframe(
             i: int, ti: int, lq_window: Callable[[int], torch.Tensor] | None = None, last_use: bool = False
         ) -> torch.Tensor | None:
-            """IconVSR's keyframe feature: computed in pass 1, then read back from disk."""
+            """Frame ``i``'s keyframe feature: computed in pass 1, then read back from disk."""
             if i not in keys:
                 return None
             if lq_window is None:
                 read = spill.pop if last_use else spill.get
-                return read(prefix + f"refill_{i}_{ti}", self.device)
+                return read(prefix + f"keyframe_{i}_{ti}", self.device)
             with self._autocast():
                 feat = keyframe_features[ti](i, lambda j: tiles[ti].crop(lq_window(j)))
-            spill.put(prefix + f"refill_{i}_{ti}", feat)
+            spill.put(prefix + f"keyframe_{i}_{ti}", feat)
             return feat
 
-        def backward_step(lq, feat, flow, refill_feat, neighbour):
+        def backward_step(x: StepInput, feat: torch.Tensor | None) -> torch.Tensor:
             with self._autocast():
-                if iconvsr:
-                    return model.backward_step(lq, feat, flow, refill_feat)
-                return model.backward_step(lq, feat, flow, neighbour)
+                return model.backward_step(x, feat)
 
         # Pass 1: backward branch over the whole clip, last frame first.
         kept: dict[int, list[torch.Tensor]] = {}
@@ -718,7 +815,7 @@ class Upscaler:
             cache: dict[int, torch.Tensor] = {}
 
             def lq_at(j: int) -> torch.Tensor:
-                # The EDVR-M window reaches a few frames either side: keep a small cache.
+                # Keyframe windows reach a few frames either side: keep a small cache.
                 if j not in cache:
                     if len(cache) > 16:
                         cache.pop(max(cache))
@@ -739,10 +836,13 @@ class Upscaler:
                     for n_j, j in enumerate(batch):
                         backward_flows[j] = flat[n_j * len(tiles) : (n_j + 1) * len(tiles)]
                 for ti, tile in enumerate(tiles):
-                    lq_t = tile.crop(lq)
-                    flow = backward_flows[i][ti] if lq_next is not None else None
-                    neighbour = tile.crop(lq_next) if (image_alignment and lq_next is not None) else None
-                    feats[ti] = backward_step(lq_t, feats[ti], flow, refill(i, ti, lq_at), neighbour)
+                    x = StepInput(
+                        tile.crop(lq),
+                        tile.crop(lq_next) if lq_next is not None else None,
+                        backward_flows[i][ti] if lq_next is not None else None,
+                        keyframe(i, ti, lq_at),
+                    )
+                    feats[ti] = backward_step(x, feats[ti])
                     if i < k:
                         kept.setdefault(i, []).append(feats[ti])
                 if i >= k:
@@ -765,7 +865,7 @@ class Upscaler:
                         if i == start:
                             spill.put(prefix + f"state_{i}_{ti}", feats[ti])
                 backward_flows.pop(i, None)
-                for j in [j for j in cache if j > i + 2 * getattr(model, "temporal_padding", 0) + 2]:
+                for j in [j for j in cache if j > i + max(1, model.keyframe_reach)]:
                     del cache[j]
                 if self._progress is not None:
                     self._progress(self._share)
@@ -776,7 +876,7 @@ class Upscaler:
         forward_flows: dict[int, list[torch.Tensor]] = {}
 
         def forward_flow(i: int, ti: int) -> torch.Tensor:
-            """``spynet(lq[i], lq[i-1])`` for tile ``ti``, computed ``flow_batch`` frames at a time."""
+            """``flow(lq[i], lq[i-1])`` for tile ``ti``, computed ``flow_batch`` frames at a time."""
             if i not in forward_flows:
                 batch = list(range(i, min(i + self.options.flow_batch, t)))
                 lqs = {j: self._lq(spool, j, box) for j in range(i - 1, batch[-1] + 1)}
@@ -809,35 +909,34 @@ class Upscaler:
                         else spill.pop(prefix + f"state_{end}_{ti}", self.device)
                         for ti in range(len(tiles))
                     ]
-                    lq_next = self._lq(spool, end, box) if (end < t and image_alignment) else None
+                    lq_next = self._lq(spool, end, box) if end < t else None
                     for i in range(end - 1, segment.start - 1, -1):
                         lq = self._lq(spool, i, box)
                         states[i] = []
                         for ti, tile in enumerate(tiles):
-                            flow = spill.pop(prefix + f"flow_{i}_{ti}", self.device) if i < t - 1 else None
-                            neighbour = tile.crop(lq_next) if lq_next is not None else None
-                            feats[ti] = backward_step(
-                                tile.crop(lq), feats[ti], flow, refill(i, ti), neighbour
+                            x = StepInput(
+                                tile.crop(lq),
+                                tile.crop(lq_next) if lq_next is not None else None,
+                                spill.pop(prefix + f"flow_{i}_{ti}", self.device) if i < t - 1 else None,
+                                keyframe(i, ti),
                             )
+                            feats[ti] = backward_step(x, feats[ti])
                             states[i].append(feats[ti])
-                        lq_next = lq if image_alignment else None
+                        lq_next = lq
             for i in segment:
                 lq = self._lq(spool, i, box)
                 outputs = []
                 for ti, tile in enumerate(tiles):
                     lq_t = tile.crop(lq)
-                    flow = forward_flow(i, ti) if lq_prev is not None else None
+                    x = StepInput(
+                        lq_t,
+                        tile.crop(lq_prev) if lq_prev is not None else None,
+                        forward_flow(i, ti) if lq_prev is not None else None,
+                        keyframe(i, ti, last_use=True),
+                    )
                     back = states[i][ti] if bidirectional else None
                     with self._autocast():
-                        if iconvsr:
-                            fwd = model.forward_step(
-                                lq_t, forward_feats[ti], flow, refill(i, ti, last_use=True), back
-                            )
-                        else:
-                            neighbour = (
-                                tile.crop(lq_prev) if (image_alignment and lq_prev is not None) else None
-                            )
-                            fwd = model.forward_step(lq_t, forward_feats[ti], flow, neighbour)
+                        fwd = model.forward_step(x, forward_feats[ti], back)
                         forward_feats[ti] = fwd
                         outputs.append(model.reconstruct(lq_t, fwd, back))
                 forward_flows.pop(i, None)
@@ -846,7 +945,7 @@ class Upscaler:
                 lq_prev = lq
                 yield outputs
 
-    # -- BasicVSR++: overlapping windows --------------------------------------------------------
+    # -- models that do not stream exactly: overlapping windows ---------------------------------
     def _run_windows(self, spool: _FrameSpool, spill: _SpillDir, run_plan: RunPlan) -> Iterator[torch.Tensor]:
         t = len(spool)
         h0, w0 = spool.shape[:2]

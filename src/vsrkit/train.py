@@ -284,7 +284,7 @@ def check_config(cfg: dict[str, Any], source: str = "config") -> None:
 
     Values are normalised in place (``"1e-4"``, which YAML reads as text, becomes a number).
     """
-    from .models import model_config
+    from .models import build_model, model_config
 
     model = cfg.get("model")
     if not isinstance(model, dict):
@@ -305,14 +305,16 @@ def check_config(cfg: dict[str, Any], source: str = "config") -> None:
             f"{source}: scheduler.restart_weights has {len(weights)} values for {len(periods)} "
             "scheduler.periods (give one, or one per period)"
         )
-    if arch == "iconvsr" and options.get("refill", True):
-        need = 2 * int(options.get("temporal_padding", 2)) + 1
-        frames = int(data["num_frames"]) * (2 if data["mirror"] else 1)
-        if frames < need:
-            raise VsrkitError(
-                f"{source}: IconVSR with temporal_padding needs clips of >= {need} frames, "
-                f"data gives {frames}"
-            )
+    # The shortest clip is the model's to say: build it without weights' memory to ask it.
+    with torch.device("meta"):
+        shell = build_model(arch, **checked)
+    need = shell.min_frames
+    frames = int(data["num_frames"]) * (2 if data["mirror"] else 1)
+    if frames < need:
+        title = type(shell).family.title
+        raise VsrkitError(
+            f"{source}: {title} with this config needs clips of >= {need} frames, data gives {frames}"
+        )
 
 
 def val_config(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """BasicVSR (Chan et al., CVPR 2021): bidirectional recurrent propagation with flow-warped features.
 
-The forward pass is the loop in :meth:`BasicVSR.forward`. The per-frame steps it calls
-(:meth:`flows`, :meth:`backward_step`, :meth:`forward_step`, :meth:`reconstruct`) are public so
-that the streaming engine can run the same computation on clips that do not fit in memory.
+The forward pass is :meth:`VSRModel.propagate_clip` over the per-frame steps
+(:meth:`flow`, :meth:`backward_step`, :meth:`forward_step`, :meth:`reconstruct`), which the
+streaming engine also runs, frame by frame, on clips that do not fit in memory.
 
 Ablation switches from the paper (Sec. 3):
 
@@ -20,6 +20,7 @@ from torch import nn
 
 from ..memory import InferenceMemory
 from ..ops.warp import flow_warp
+from .base import StepInput, VSRModel, spynet_flow
 from .blocks import ConvResidualBlocks, add_upsample_tail, conv_act, run_upsample_tail, upsample_tail_memory
 from .registry import Family, register
 from .spynet import SpyNet
@@ -49,7 +50,7 @@ def pairwise_flows(spynet: SpyNet, lqs: torch.Tensor, direction: str) -> torch.T
         return spynet(*pair).view(n, t - 1, 2, h, w)
 
 
-class BasicVSR(nn.Module):
+class BasicVSR(VSRModel):
     #: The values each text option accepts (checked before building, see ``vsrkit.models``).
     OPTION_CHOICES = {
         "propagation": ("bidirectional", "unidirectional"),
@@ -95,8 +96,8 @@ class BasicVSR(nn.Module):
         return InferenceMemory(step=step, frame_state=c * element_size * pixels)
 
     # -- steps ---------------------------------------------------------------------------
-    def flows(self, lqs: torch.Tensor, direction: str) -> torch.Tensor:
-        return pairwise_flows(self.spynet, lqs, direction)
+    def flow(self, ref: torch.Tensor, supp: torch.Tensor) -> torch.Tensor:
+        return spynet_flow(self.spynet, ref, supp)
 
     def _align(
         self, feat: torch.Tensor, flow: torch.Tensor | None, neighbour_lq: torch.Tensor | None
@@ -112,40 +113,27 @@ class BasicVSR(nn.Module):
                 extra.append(flow_warp(neighbour_lq, flow).to(feat.dtype))
         return feat, extra
 
-    def _step(
-        self,
-        trunk: nn.Module,
-        lq: torch.Tensor,
-        feat: torch.Tensor | None,
-        flow: torch.Tensor | None,
-        neighbour_lq: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def _step(self, trunk: nn.Module, x: StepInput, feat: torch.Tensor | None) -> torch.Tensor:
+        flow = x.flow
         if feat is None:
-            n, _, h, w = lq.shape
-            feat = lq.new_zeros(n, self.mid_channels, h, w)
+            n, _, h, w = x.lq.shape
+            feat = x.lq.new_zeros(n, self.mid_channels, h, w)
             flow = None
-        feat, extra = self._align(feat, flow, neighbour_lq)
-        return trunk(torch.cat([lq, *extra, feat], dim=1))
+        feat, extra = self._align(feat, flow, x.neighbour)
+        return trunk(torch.cat([x.lq, *extra, feat], dim=1))
 
-    def backward_step(
-        self,
-        lq: torch.Tensor,
-        feat: torch.Tensor | None,
-        flow: torch.Tensor | None,
-        neighbour_lq: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def backward_step(self, x: StepInput, feat: torch.Tensor | None) -> torch.Tensor:
         """One step of backward propagation: ``feat`` is the state of frame i+1 (None at the end)."""
-        return self._step(self.backward_trunk, lq, feat, flow, neighbour_lq)
+        return self._step(self.backward_trunk, x, feat)
 
     def forward_step(
-        self,
-        lq: torch.Tensor,
-        feat: torch.Tensor | None,
-        flow: torch.Tensor | None,
-        neighbour_lq: torch.Tensor | None = None,
+        self, x: StepInput, feat: torch.Tensor | None, backward_feat: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """One step of forward propagation: ``feat`` is the state of frame i-1 (None at the start)."""
-        return self._step(self.forward_trunk, lq, feat, flow, neighbour_lq)
+        """One step of forward propagation: ``feat`` is the state of frame i-1 (None at the start).
+
+        The branches are uncoupled: ``backward_feat`` only enters :meth:`reconstruct`.
+        """
+        return self._step(self.forward_trunk, x, feat)
 
     def reconstruct(
         self, lq: torch.Tensor, forward_feat: torch.Tensor, backward_feat: torch.Tensor | None
@@ -162,29 +150,8 @@ class BasicVSR(nn.Module):
         """(N, T, 3, H, W) in [0, 1] → (N, T, 3, 4H, 4W)."""
         if self.num_segments > 1:
             parts = split_segments(lqs.shape[1], self.num_segments)
-            return torch.cat([self._forward_clip(lqs[:, p.start : p.stop]) for p in parts], dim=1)
-        return self._forward_clip(lqs)
-
-    def _forward_clip(self, lqs: torch.Tensor) -> torch.Tensor:
-        t = lqs.shape[1]
-        backward_feats: list[torch.Tensor | None] = [None] * t
-        if self.bidirectional:
-            flows_backward = self.flows(lqs, "backward")
-            feat = None
-            for i in range(t - 1, -1, -1):
-                flow = flows_backward[:, i] if i < t - 1 else None
-                neighbour = lqs[:, i + 1] if i < t - 1 else None
-                feat = self.backward_step(lqs[:, i], feat, flow, neighbour)
-                backward_feats[i] = feat
-        flows_forward = self.flows(lqs, "forward")
-        outputs = []
-        feat = None
-        for i in range(t):
-            flow = flows_forward[:, i - 1] if i > 0 else None
-            neighbour = lqs[:, i - 1] if i > 0 else None
-            feat = self.forward_step(lqs[:, i], feat, flow, neighbour)
-            outputs.append(self.reconstruct(lqs[:, i], feat, backward_feats[i]))
-        return torch.stack(outputs, dim=1)
+            return torch.cat([self.propagate_clip(lqs[:, p.start : p.stop]) for p in parts], dim=1)
+        return self.propagate_clip(lqs)
 
 
 FAMILY = register(

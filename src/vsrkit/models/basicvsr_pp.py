@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from ..memory import InferenceMemory
 from ..ops.deform_conv import deform_conv2d_from_logits
 from ..ops.warp import flow_warp
+from .base import VSRModel, pad_to_multiple, spynet_flow
 from .basicvsr import pairwise_flows
 from .blocks import (
     ConvResidualBlocks,
@@ -32,7 +33,6 @@ from .blocks import (
     run_upsample_tail,
     upsample_tail_memory,
 )
-from .iconvsr import pad_to_multiple
 from .registry import Family, register
 from .spynet import SpyNet
 
@@ -86,9 +86,12 @@ class SecondOrderDeformableAlignment(nn.Module):
         )
 
 
-class BasicVSRPlusPlus(nn.Module):
+class BasicVSRPlusPlus(VSRModel):
     #: The values each text option accepts (checked before building, see ``vsrkit.models``).
     OPTION_CHOICES = {"alignment": ("deformable", "flow")}
+    #: Four interleaved branches have no cheap exact per-frame decomposition: the engine runs
+    #: :meth:`forward` on overlapping windows of frames.
+    streams_exactly = False
 
     def __init__(
         self,
@@ -127,6 +130,18 @@ class BasicVSRPlusPlus(nn.Module):
         )
         self.reconstruction = ConvResidualBlocks(5 * c, c, 5)
         add_upsample_tail(self, c)
+
+    @property
+    def scale(self) -> int:
+        return 4 if self.is_low_res_input else 1
+
+    @property
+    def pad_multiple(self) -> int:
+        """Same-size input is downsampled ×4 by strided convs: tiles are multiples of 4."""
+        return 1 if self.is_low_res_input else 4
+
+    def flow(self, ref: torch.Tensor, supp: torch.Tensor) -> torch.Tensor:
+        return spynet_flow(self.spynet, ref, supp)
 
     def inference_memory(self, height: int, width: int, element_size: int = 4) -> InferenceMemory:
         """Memory of a window forward on one (height, width) LR tile, per frame of the window."""

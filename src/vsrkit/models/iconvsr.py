@@ -21,12 +21,12 @@ from torch.nn import functional as F
 
 from ..memory import InferenceMemory
 from ..ops.warp import flow_warp
-from .basicvsr import pairwise_flows, split_segments
+from .base import StepInput, VSRModel, spynet_flow
+from .basicvsr import split_segments
 from .blocks import (
     ConvResidualBlocks,
     add_upsample_tail,
     conv3x3,
-    is_exporting,
     run_upsample_tail,
     upsample_tail_memory,
 )
@@ -48,50 +48,7 @@ def keyframe_indices(num_frames: int, stride: int) -> list[int]:
     return keys
 
 
-def pad_to_multiple(lqs: torch.Tensor, multiple: int, min_size: int = 0) -> torch.Tensor:
-    """Pad (N, T, C, H, W) at the bottom/right so both sides are ≥ ``min_size`` and multiples.
-
-    Frames below ``min_size`` are first replicate-padded (reflection cannot pad by more than the
-    side); the rest is reflect padding, as in the references.
-    """
-    n, t, c, h, w = lqs.shape
-    flat = lqs.reshape(n * t, c, h, w)
-    if is_exporting():
-        padded = _pad_to_multiple_any_size(flat, multiple, min_size)
-        return padded.view(n, t, c, *padded.shape[-2:])
-    if h < min_size or w < min_size:
-        flat = F.pad(flat, [0, max(0, min_size - w), 0, max(0, min_size - h)], mode="replicate")
-        h, w = flat.shape[-2:]
-    pad_h, pad_w = (-h) % multiple, (-w) % multiple
-    if pad_h or pad_w:
-        mode = "reflect" if pad_h < h and pad_w < w else "replicate"
-        flat = F.pad(flat, [0, pad_w, 0, pad_h], mode=mode)
-    return flat.view(n, t, c, *flat.shape[-2:])
-
-
-def _pad_to_multiple_any_size(flat: torch.Tensor, multiple: int, min_size: int) -> torch.Tensor:
-    """:func:`pad_to_multiple` for a traced graph that must serve every frame size.
-
-    Both pads are always applied, by amounts computed from the symbolic size (0 where none is
-    needed), instead of the eager version's branches on the size. Same result for sides of at
-    least ``multiple`` pixels, where the eager version reflects too.
-    """
-    h, w = flat.shape[-2:]
-    if min_size:
-        flat = F.pad(
-            flat, [0, torch.sym_max(0, min_size - w), 0, torch.sym_max(0, min_size - h)], mode="replicate"
-        )
-    if multiple > 1:
-        h, w = flat.shape[-2:]
-        flat = F.pad(
-            flat,
-            [0, (multiple - w % multiple) % multiple, 0, (multiple - h % multiple) % multiple],
-            mode="reflect",
-        )
-    return flat
-
-
-class IconVSR(nn.Module):
+class IconVSR(VSRModel):
     #: The values each option with a fixed set accepts (checked before building, see ``vsrkit.models``).
     OPTION_CHOICES = {"temporal_padding": tuple(_TEMPORAL_PAD)}
 
@@ -128,6 +85,14 @@ class IconVSR(nn.Module):
             self.fusion = nn.Conv2d(2 * c, c, 1)
         add_upsample_tail(self, c)
 
+    #: PCD's two stride-2 levels need sides that are multiples of 4.
+    pad_multiple = 4
+
+    @property
+    def keyframe_reach(self) -> int:
+        """The frames the EDVR-M windows read around a frame (with the references' end padding)."""
+        return 2 * self.temporal_padding + 2
+
     @property
     def min_frames(self) -> int:
         """The EDVR-M window's end padding reads frame ``2p``: clips need ``2p + 1`` frames."""
@@ -149,8 +114,8 @@ class IconVSR(nn.Module):
         return InferenceMemory(step=step, frame_state=c * element_size * pixels, clip_state=clip_state)
 
     # -- steps ---------------------------------------------------------------------------
-    def flows(self, lqs: torch.Tensor, direction: str) -> torch.Tensor:
-        return pairwise_flows(self.spynet, lqs, direction)
+    def flow(self, ref: torch.Tensor, supp: torch.Tensor) -> torch.Tensor:
+        return spynet_flow(self.spynet, ref, supp)
 
     def keyframes(self, num_frames: int) -> list[int]:
         return keyframe_indices(num_frames, self.keyframe_stride) if self.refill else []
@@ -193,27 +158,18 @@ class IconVSR(nn.Module):
         inputs = [lq, feat] if coupled_feat is None else [lq, coupled_feat, feat]
         return trunk(torch.cat(inputs, dim=1))
 
-    def backward_step(
-        self,
-        lq: torch.Tensor,
-        feat: torch.Tensor | None,
-        flow: torch.Tensor | None,
-        refill: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def backward_step(self, x: StepInput, feat: torch.Tensor | None) -> torch.Tensor:
+        """One backward step; ``x.keyframe`` is the refill feature at keyframes."""
         fusion = self.backward_fusion if self.refill else None
-        return self._propagate_step(self.backward_trunk, fusion, lq, feat, flow, refill, None)
+        return self._propagate_step(self.backward_trunk, fusion, x.lq, feat, x.flow, x.keyframe, None)
 
     def forward_step(
-        self,
-        lq: torch.Tensor,
-        feat: torch.Tensor | None,
-        flow: torch.Tensor | None,
-        refill: torch.Tensor | None,
-        backward_feat: torch.Tensor,
+        self, x: StepInput, feat: torch.Tensor | None, backward_feat: torch.Tensor | None
     ) -> torch.Tensor:
+        """One forward step; coupled, it also takes this frame's backward state."""
         fusion = self.forward_fusion if self.refill else None
         coupled = backward_feat if self.coupled else None
-        return self._propagate_step(self.forward_trunk, fusion, lq, feat, flow, refill, coupled)
+        return self._propagate_step(self.forward_trunk, fusion, x.lq, feat, x.flow, x.keyframe, coupled)
 
     def reconstruct(
         self, lq: torch.Tensor, forward_feat: torch.Tensor, backward_feat: torch.Tensor
@@ -231,30 +187,13 @@ class IconVSR(nn.Module):
         return torch.cat([self._forward_clip(lqs[:, p.start : p.stop]) for p in parts], dim=1)
 
     def _forward_clip(self, lqs: torch.Tensor) -> torch.Tensor:
-        n, t, _, h, w = lqs.shape
+        t = lqs.shape[1]
         if t < self.min_frames:
             raise ValueError(
                 f"IconVSR with temporal_padding={self.temporal_padding} needs at least "
                 f"{self.min_frames} frames, got {t}"
             )
-        lqs = pad_to_multiple(lqs, 4)
-        features = self.keyframe_features(t)
-        refills = {i: features(i, lambda j: lqs[:, j]) for i in self.keyframes(t)}
-        flows_backward = self.flows(lqs, "backward")
-        backward_feats: list[torch.Tensor] = [None] * t  # type: ignore[list-item]
-        feat = None
-        for i in range(t - 1, -1, -1):
-            flow = flows_backward[:, i] if i < t - 1 else None
-            feat = self.backward_step(lqs[:, i], feat, flow, refills.get(i))
-            backward_feats[i] = feat
-        flows_forward = self.flows(lqs, "forward")
-        outputs = []
-        feat = None
-        for i in range(t):
-            flow = flows_forward[:, i - 1] if i > 0 else None
-            feat = self.forward_step(lqs[:, i], feat, flow, refills.get(i), backward_feats[i])
-            outputs.append(self.reconstruct(lqs[:, i], feat, backward_feats[i]))
-        return torch.stack(outputs, dim=1)[..., : 4 * h, : 4 * w]
+        return self.propagate_clip(lqs)
 
 
 class KeyframeFeatures:
