@@ -341,7 +341,14 @@ class OnnxRuntimeModel(VSRModel):
             )
             import onnx
 
-            atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+            try:
+                atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+            except VsrkitError:  # a full disk, already one line
+                raise
+            except OSError as exc:
+                raise VsrkitError(
+                    f"cannot write {path}: {exc.strerror or exc} (VSRKIT_HOME chooses the cache folder)"
+                ) from None
             self.exported.append(name)
             session = self._load(path, raise_errors=True)
         self._sessions[name] = session
