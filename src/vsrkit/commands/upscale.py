@@ -22,6 +22,7 @@ def register(subparsers) -> None:
 
 def add_options(p: argparse.ArgumentParser) -> None:
     """Every option of ``upscale`` but its input and output; ``vsrkit batch`` takes them too."""
+    from ..backends import BACKENDS
     from ..scenes import add_arguments as add_scene_arguments
 
     p.add_argument("--model", default="basicvsr", choices=["basicvsr", "iconvsr", "basicvsr_pp"])
@@ -37,7 +38,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
         default="pytorch",
-        choices=["pytorch", "onnxruntime"],
+        choices=BACKENDS,
         help="onnxruntime: run the model's steps as ONNX graphs (exported once, cached; fp32)",
     )
     p.add_argument(
