@@ -77,6 +77,7 @@ import torch
 from torch import nn
 
 from .accel import keep_freed_memory, prepare_for_inference, prepared_precision
+from .backends import check_backend, wrap_model
 from .checks import DEVICE, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_INT, choice, integer
 from .errors import VsrkitError
 from .fsutil import disk_full_error, is_disk_full, make_spill_dir, remove_dead_spill
@@ -147,6 +148,8 @@ class EngineOptions:
     state_disk_mb: float = 2048
     nnpack: bool | None = None  # CPU: NNPACK's Winograd/FFT convs (None: where available)
     memory_limit_mb: float | None = None  # instead of the measured available memory
+    backend: str = "pytorch"  # "onnxruntime": the steps run as exported graphs (vsrkit.backends)
+    providers: str | list[str] | None = None  # onnxruntime's execution providers (default: CPU)
 
     def __post_init__(self) -> None:
         self.check()
@@ -166,6 +169,9 @@ class EngineOptions:
             )
         self.flow_batch = POSITIVE_INT(self.flow_batch, "flow_batch")
         self.state_disk_mb = NON_NEGATIVE_FLOAT(self.state_disk_mb, "state_disk_mb")
+        self.backend = check_backend(self.backend, self.providers)
+        if self.backend != "pytorch" and self.precision != "fp32":
+            raise VsrkitError(f"--backend {self.backend} runs in fp32 only, not --precision {self.precision}")
 
 
 # -- temporary storage ----------------------------------------------------------------------
@@ -480,7 +486,16 @@ class Upscaler:
         self.options.check()
         self.device = resolve_device(self.options.device)
         autocast_context(self.device, self.options.precision)  # validates early
-        if self.device.type == "cpu":
+        if self.options.backend != "pytorch":
+            # The adapter takes and gives host tensors; its providers choose where the graphs run.
+            if self.device.type != "cpu" and self.options.device not in (None, "auto"):
+                raise VsrkitError(
+                    f"--device {self.options.device} is for the PyTorch backend; "
+                    f"--backend {self.options.backend} runs where --providers say"
+                )
+            self.device = torch.device("cpu")
+            self.model = wrap_model(model, self.options.backend, self.options.providers)
+        elif self.device.type == "cpu":
             # A prepared copy: the caller's model keeps its dtype and memory format.
             try:
                 self.model = prepare_for_inference(

@@ -46,7 +46,7 @@ _TRACE_SIZE = (37, 53)
 _MIN_SIDE = 4
 
 
-def require_onnx() -> None:
+def require_onnx(purpose: str = "exporting to ONNX") -> None:
     """Raise a one-line :class:`VsrkitError` when a package of the ``onnx`` extra is missing."""
     missing = []
     for name in ("onnx", "onnxscript", "onnxruntime"):
@@ -56,7 +56,7 @@ def require_onnx() -> None:
             missing.append(name)
     if missing:
         raise VsrkitError(
-            f"exporting to ONNX needs {', '.join(missing)}, which is not installed; "
+            f"{purpose} needs {', '.join(missing)}, which is not installed; "
             "pip install 'vsrkit[onnx]'"
         )
 
@@ -106,7 +106,7 @@ def export_onnx(
     # A float32 CPU copy: the caller's model keeps its device, dtype and mode.
     model = copy.deepcopy(model).cpu().float().eval()
     start = time.perf_counter()
-    proto = _trace(model, frames, deform_conv, opset)
+    proto = trace_clip(model, frames, deform_conv, opset)
     metadata = {
         "vsrkit.version": _version(),
         "vsrkit.arch": model.arch,
@@ -117,10 +117,7 @@ def export_onnx(
         "vsrkit.deform_conv": deform_conv,
         "vsrkit.scale": str(_scale(model)),
     }
-    del proto.metadata_props[:]
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+    set_metadata(proto, metadata)
 
     tmp = make_temp_file(output.parent, output.stem, output.suffix)
     try:
@@ -165,15 +162,43 @@ def _scale(model: nn.Module) -> int:
     return 4 if getattr(model, "is_low_res_input", True) else 1
 
 
-def _trace(model: nn.Module, frames: int, deform_conv: str, opset: int):
-    """The model as an ONNX ModelProto with symbolic H and W."""
+def trace_clip(model: nn.Module, frames: int, deform_conv: str, opset: int):
+    """The model's whole-clip forward as an ONNX ModelProto with symbolic H and W."""
+    height = torch.export.Dim("height", min=_MIN_SIDE, max=1 << 15)
+    width = torch.export.Dim("width", min=_MIN_SIDE, max=1 << 15)
+    example = torch.rand(1, frames, 3, *_TRACE_SIZE)
+    return trace_to_onnx(
+        model,
+        (example,),
+        ({3: height, 4: width},),
+        input_names=["lq"],
+        output_names=["hq"],
+        deform_conv=deform_conv,
+        opset=opset,
+        label=model.arch,
+    )
+
+
+def trace_to_onnx(
+    module: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    dynamic_shapes: tuple[dict[int, Any] | None, ...],
+    *,
+    input_names: list[str],
+    output_names: list[str],
+    deform_conv: str = "native",
+    opset: int = DEFAULT_OPSET,
+    label: str = "the model",
+):
+    """``module(*example)`` as an ONNX ModelProto whose inputs have the given symbolic dims.
+
+    The deformable convolutions become ``DeformConv`` (``deform_conv="native"``) or GridSample
+    and GEMM (``"decomposed"``). Any failure is one line naming ``label``.
+    """
     import warnings
 
     from .ops import deform_conv as dc
 
-    height = torch.export.Dim("height", min=_MIN_SIDE, max=1 << 15)
-    width = torch.export.Dim("width", min=_MIN_SIDE, max=1 << 15)
-    example = torch.rand(1, frames, 3, *_TRACE_SIZE)
     translations = {}
     if deform_conv == "native":
         dc.export_op()
@@ -187,16 +212,16 @@ def _trace(model: nn.Module, frames: int, deform_conv: str, opset: int):
             # Deferred asserts: a size condition met while tracing becomes an assertion that
             # the ONNX graph drops, not a specialisation of the graph.
             exported = torch.export.export(
-                model,
-                (example,),
-                dynamic_shapes=({3: height, 4: width},),
+                module,
+                example,
+                dynamic_shapes=dynamic_shapes,
                 strict=False,
                 prefer_deferred_runtime_asserts_over_guards=True,
             )
             program = torch.onnx.export(
                 exported,
-                input_names=["lq"],
-                output_names=["hq"],
+                input_names=input_names,
+                output_names=output_names,
                 opset_version=opset,
                 dynamo=True,
                 custom_translation_table=translations,
@@ -204,8 +229,16 @@ def _trace(model: nn.Module, frames: int, deform_conv: str, opset: int):
             )
         except Exception as exc:  # noqa: BLE001 - the exporter raises many types; one line for the user
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise VsrkitError(f"torch.onnx.export failed for {model.arch}: {first[:300]}") from None
+            raise VsrkitError(f"torch.onnx.export failed for {label}: {first[:300]}") from None
     return program.model_proto
+
+
+def set_metadata(proto, metadata: dict[str, str]) -> None:
+    """Replace the ModelProto's ``metadata_props`` by ``metadata``."""
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
 
 
 def _onnx_deform_conv(input, weight, offset, bias, mask, stride, padding, dilation, groups, offset_groups):

@@ -64,6 +64,8 @@ def upscale(
     model_options: Mapping[str, Any] | None = None,
     device: str = "auto",
     precision: str = "fp32",
+    backend: str = "pytorch",
+    providers: str | Sequence[str] | None = None,
     tile: int | None = None,  # None: only where needed; 0: never
     tile_overlap: int = 16,
     segment_frames: int = 32,
@@ -103,6 +105,9 @@ def upscale(
     none, the ones players would guess are written), inputs deeper than 8 bits go through the model in
     float and come out at their depth (``pix_fmt`` chooses another pixel format), and frames are turned
     upright as the input's display matrix says. ``stream`` picks a video stream (0 for the first).
+
+    ``backend="onnxruntime"`` runs the model's steps as ONNX graphs in onnxruntime, with
+    ``providers`` (default: its CPU provider); see :mod:`vsrkit.backends.onnxruntime`.
     """
     from .data.video import open_frames, open_writer
     from .scenes import (
@@ -126,6 +131,8 @@ def upscale(
     options = EngineOptions(
         device=device,
         precision=precision,
+        backend=backend,
+        providers=providers,
         tile=tile,
         tile_overlap=tile_overlap,
         segment_frames=segment_frames,
@@ -199,6 +206,7 @@ def upscale(
         "seconds": seconds,
         "device": str(engine.device),
         "precision": precision,
+        "backend": backend,
         "shots": len(shots) if shots else 1,
     }
 

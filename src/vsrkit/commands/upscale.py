@@ -23,6 +23,7 @@ def register(subparsers) -> None:
 
 def add_options(p: argparse.ArgumentParser) -> None:
     """Every option of ``upscale`` but its input and output; ``vsrkit batch`` takes them too."""
+    from ..backends import BACKENDS
     from ..scenes import add_arguments as add_scene_arguments
 
     add_model_options(p)
@@ -30,6 +31,19 @@ def add_options(p: argparse.ArgumentParser) -> None:
         "--device", default="auto", type=arg(DEVICE), help="auto, cpu, cuda or cuda:N (default: auto)"
     )
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--backend",
+        default="pytorch",
+        choices=BACKENDS,
+        help="onnxruntime: run the model's steps as ONNX graphs (exported once, cached; fp32)",
+    )
+    p.add_argument(
+        "--providers",
+        default=None,
+        metavar="LIST",
+        help="--backend onnxruntime: execution providers, comma-separated, in order of preference "
+        "(e.g. CUDAExecutionProvider,CPUExecutionProvider; default: CPUExecutionProvider)",
+    )
     p.add_argument(
         "--tile",
         type=int,
@@ -105,6 +119,8 @@ def options_from_args(args: argparse.Namespace) -> dict:
         model_options=parse_overrides(args.overrides),
         device=args.device,
         precision=args.precision,
+        backend=args.backend,
+        providers=args.providers,
         tile=args.tile,
         tile_overlap=args.tile_overlap,
         segment_frames=args.segment_frames,
@@ -129,9 +145,10 @@ def run(args: argparse.Namespace) -> int:
 
     summary = upscale(args.input, args.output, **options_from_args(args))
     w, h = summary["output_size"]
+    backend = "" if summary["backend"] == "pytorch" else f", {summary['backend']}"
     print(
         f"wrote {summary['output']}: {summary['frames']} frames at {w}x{h} "
         f"in {summary['seconds']:.1f} s ({summary['seconds'] / max(summary['frames'], 1):.2f} s/frame, "
-        f"{summary['device']}, {summary['precision']})"
+        f"{summary['device']}, {summary['precision']}{backend})"
     )
     return 0
