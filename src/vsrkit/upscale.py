@@ -15,7 +15,7 @@ from torch import nn
 from .checks import check_crf
 from .engine import EngineOptions, Upscaler, resolve_device
 from .errors import VsrkitError
-from .models import default_family, families, get_family, model_config
+from .models import Family, default_family, families, get_family, model_config
 from .scenes import DEFAULT_MIN_SHOT_FRAMES, DEFAULT_THRESHOLD
 
 # The weights used when only an architecture is named, by family (each family's own default).
@@ -24,10 +24,29 @@ DEFAULT_WEIGHTS_FOR: Mapping[str, str] = MappingProxyType(
 )
 
 
-def check_model_options(model: str | None, config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``config`` (``--set`` options) checked against ``model``'s builder: a bad key or value is one
-    line naming it, before anything is read or fetched."""
-    family = default_family() if model is None else get_family(model)
+def model_family(model: str | None, weights: str | os.PathLike | None = None) -> Family:
+    """The family to build: the one named by ``model``; else the one of ``weights`` (a registered
+    name, or a checkpoint file whose architecture is read from it); else the default family."""
+    if model is not None:
+        return get_family(model)
+    if weights is None:
+        return default_family()
+    if os.path.exists(weights):
+        from .weights import infer_arch, read_checkpoint
+
+        ckpt = read_checkpoint(weights)
+        return get_family(ckpt.arch or infer_arch(ckpt.state_dict, str(weights)))
+    from .hub import get_entry
+
+    return get_family(get_entry(os.fspath(weights)).arch)
+
+
+def check_model_options(
+    model: str | None, config: Mapping[str, Any] | None, weights: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """``config`` (``--set`` options) checked against the builder of :func:`model_family`: a bad key
+    or value is one line naming it, before the input is read or weights are fetched."""
+    family = model_family(model, weights)
     config = dict(config or {})
     model_config(family.name, source="--set", **config)
     return config
@@ -46,7 +65,7 @@ def load_upscaling_model(
         if config:
             raise VsrkitError("model options (--set) apply to a model built by name, not to a ready module")
         return model
-    family = default_family() if model is None else get_family(model)
+    family = model_family(model, weights)
     config = check_model_options(family.name, config)
     if weights is None:
         if family.default_weights is None:
@@ -90,9 +109,10 @@ def upscale(
     timestamps, its audio and subtitle streams copied); anything else becomes a folder of PNGs.
     The output appears only when complete. Returns a summary (frames, seconds, sizes).
 
-    ``model`` is a family's name (default: the default family) or a ready module; ``weights``
-    a registered name or a file (default: the family's default weights); ``model_options`` the
-    builder's options (``vsrkit upscale --set KEY=VALUE``), checked before anything is read.
+    ``model`` is a family's name (default: the family of ``weights``, else the default family)
+    or a ready module; ``weights`` a registered name or a file (default: the family's default
+    weights); ``model_options`` the builder's options (``vsrkit upscale --set KEY=VALUE``),
+    checked before the input is read.
 
     ``scene_cuts`` resets propagation at each scene cut (see :mod:`vsrkit.scenes`): each shot
     is upscaled and encoded on its own, and the shots are joined without re-encoding.
@@ -127,7 +147,7 @@ def upscale(
     crf = check_crf(crf, codec or ("libvpx-vp9" if webm else "libx264"))
     resolve_device(device)  # an absent GPU is refused before the input is read
     if not isinstance(model, nn.Module):
-        check_model_options(model, model_options)
+        check_model_options(model, model_options, weights)
     options = EngineOptions(
         device=device,
         precision=precision,

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     options = options_from_args(args)
     # Checked here, once, rather than failing every input on the workers.
-    check_model_options(options["model"], options["model_options"])
+    check_model_options(options["model"], options["model_options"], options["weights"])
     progress = options.pop("progress")
     summary = batch(
         args.inputs,

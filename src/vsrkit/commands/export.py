@@ -69,16 +69,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(arch: str, weights: str | None, config: dict):
+def _load(arch: str | None, weights: str | None, config: dict):
     """The model with its weights, the weights' name and the checkpoint file read."""
     import os
 
     from .. import create_model
     from ..errors import VsrkitError
     from ..hub import get_weights
-    from ..models import get_family
+    from ..upscale import model_family
 
-    family = get_family(arch)
+    family = model_family(arch, weights)
+    arch = family.name
     name = weights if weights is not None else family.default_weights
     if name is None:
         raise VsrkitError(f"{family.title} has no default weights; pass --weights")

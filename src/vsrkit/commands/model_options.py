@@ -39,10 +39,24 @@ def add_model_options(
     else:
         default = default_family().name
         p.add_argument(
-            "--model", default=default, choices=names, help=model_help or f"architecture (default: {default})"
+            "--model",
+            type=_family_name,
+            choices=names,
+            help=model_help or f"architecture (default: the one of --weights, else {default})",
         )
     p.add_argument("--weights", metavar="NAME|PATH", help=weights_help)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help=SET_HELP)
+
+
+def _family_name(text: str) -> str:
+    """A family's name for ``text``, one of its aliases (``basicvsr++``); else ``text`` itself,
+    which argparse then refuses naming the choices."""
+    from ..models import get_family
+
+    try:
+        return get_family(text).name
+    except VsrkitError:
+        return text
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
