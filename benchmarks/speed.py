@@ -55,6 +55,7 @@ from reference_oracle import basicsr_arch, reference_basicvsrpp  # noqa: E402
 from vsrkit.accel import keep_freed_memory, prepare_for_inference  # noqa: E402
 from vsrkit.engine import upscale_frames  # noqa: E402
 from vsrkit.ops import nnpack  # noqa: E402
+from vsrkit.ops.fast_conv import FastConv2d  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "reds_lr_000"
 MODELS = ("basicvsr", "iconvsr", "basicvsr_pp")
@@ -137,9 +138,7 @@ def dense_conv_gflops(height: int, width: int, reps: int) -> dict[str, float]:
         ),
     }
     if nnpack.available():
-        nnpack_conv = copy.deepcopy(conv)
-        nnpack_conv.__class__ = nnpack.NNPACKConv2d
-        variants["NCHW fp32 NNPACK"] = (nnpack_conv, x)
+        variants["NCHW fp32 NNPACK"] = (FastConv2d.from_conv(copy.deepcopy(conv), nnpack=True), x)
     flops = 2 * 64 * 64 * 9 * height * width
     calls = max(3, int(2e10 // flops))  # about 20 GFLOP per timing
     best = dict.fromkeys(variants, float("inf"))
