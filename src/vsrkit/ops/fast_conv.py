@@ -75,10 +75,9 @@ def shuffle2_from_subpixel_last(x: Tensor) -> Tensor:
 def _version(t: Tensor | None) -> tuple[int, int] | None:
     if t is None:
         return None
-    try:
-        return t._version, t.data_ptr()
-    except RuntimeError:  # inference tensors keep no version counter (and cannot be changed in place)
+    if t.is_inference():  # no version counter (and no in-place change outside inference mode)
         return 0, t.data_ptr()
+    return t._version, t.data_ptr()
 
 
 class FastConv2d(nn.Conv2d):
