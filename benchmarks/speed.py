@@ -59,6 +59,7 @@ from vsrkit.models.basicvsr import BasicVSR  # noqa: E402
 from vsrkit.models.basicvsr_pp import BasicVSRPlusPlus  # noqa: E402
 from vsrkit.models.iconvsr import IconVSR  # noqa: E402
 from vsrkit.ops import nnpack  # noqa: E402
+from vsrkit.ops.fast_conv import FastConv2d  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "reds_lr_000"
 # The BasicSR/mmagic oracle of each builder, at the papers' size.
@@ -144,9 +145,7 @@ def dense_conv_gflops(height: int, width: int, reps: int) -> dict[str, float]:
         ),
     }
     if nnpack.available():
-        nnpack_conv = copy.deepcopy(conv)
-        nnpack_conv.__class__ = nnpack.NNPACKConv2d
-        variants["NCHW fp32 NNPACK"] = (nnpack_conv, x)
+        variants["NCHW fp32 NNPACK"] = (FastConv2d.from_conv(copy.deepcopy(conv), nnpack=True), x)
     flops = 2 * 64 * 64 * 9 * height * width
     calls = max(3, int(2e10 // flops))  # about 20 GFLOP per timing
     best = dict.fromkeys(variants, float("inf"))

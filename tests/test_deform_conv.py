@@ -439,3 +439,83 @@ def test_native_kernel_is_cached_by_source_and_compiler(
     assert native.library() is not None
     assert built[0].stat().st_mtime_ns == mtime
     assert not list((tmp_path / "kernels").glob("*.part*"))
+
+
+class LogitsAlignment(torch.nn.Module):
+    """BasicVSR++'s alignment in miniature: offsets and mask from logits, plus a flow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.randn(16, 16, 3, 3, generator=gen) * 0.1)
+        self.bias = torch.nn.Parameter(torch.randn(16, generator=gen))
+
+    def forward(self, x: torch.Tensor, logits: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        return deform_conv2d_from_logits(x, logits, self.weight, self.bias, offset_scale=5.0, flows=(flow,))
+
+
+def _alignment_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, 12, 14, generator=gen)
+    logits = torch.randn(1, 3 * 2 * 9, 12, 14, generator=gen)  # 2 offset groups
+    flow = torch.randn(1, 2, 12, 14, generator=gen) * 2
+    return x, logits, flow
+
+
+def test_export_and_compile_see_the_native_op(sampler: str) -> None:
+    """torch.export keeps vsrkit::dcn_im2col in the graph (a fake kernel stands in while tracing);
+    torch.compile traces through it; both give the eager result."""
+    if sampler == "pytorch":
+        pytest.skip("the native path only")
+    module = LogitsAlignment().eval()
+    inputs = _alignment_inputs()
+    calls = []
+    real = native.library().vsrkit_dcn_im2col
+    with torch.no_grad():
+        eager = module(*inputs)
+        exported = torch.export.export(module, inputs)
+        # The kernel runs with autocast off: its call sits in a subgraph of that region.
+        modules = exported.graph_module.modules()
+        graphs = [str(gm.graph) for gm in modules if isinstance(gm, torch.fx.GraphModule)]
+        assert any("vsrkit.dcn_im2col" in graph for graph in graphs), graphs
+        assert torch.equal(exported.module()(*inputs), eager)
+
+        def counting_backend(graph_module: torch.fx.GraphModule, example_inputs):
+            calls.append(str(graph_module.graph))
+            return graph_module
+
+        compiled = torch.compile(module, backend=counting_backend, fullgraph=True)
+        assert torch.equal(compiled(*inputs), eager)
+    assert any("vsrkit.dcn_im2col" in graph for graph in calls)
+    assert native.library().vsrkit_dcn_im2col is real
+
+
+def test_a_mismatched_argument_layout_is_refused_loudly(
+    sampler: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ctypes declaration that disagrees with the C struct (two fields swapped) refuses the
+    library with a warning and a reason naming the field; deform_conv2d falls back to PyTorch."""
+    if sampler == "pytorch":
+        pytest.skip("one run is enough")
+    fields = list(native.DcnArgs._fields_)
+    h, w = fields.index(("H", fields[2][1])), fields.index(("W", fields[3][1]))
+    fields[h], fields[w] = fields[w], fields[h]
+    swapped = type("DcnArgs", (native.ctypes.Structure,), {"_fields_": fields})
+    monkeypatch.setattr(native, "DcnArgs", swapped)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "unavailable_reason", None)
+    with pytest.warns(RuntimeWarning, match="field 2 is 'H'"):
+        assert native.library() is None
+    assert "DcnArgs" in native.unavailable_reason and "'W'" in native.unavailable_reason
+    a = _inputs(1, 16, 8, 2, 9, 10)
+    with torch.no_grad():
+        assert _rel_diff("fallback", _ours(a), _reference(a)) <= FP32_REL
+
+
+def test_the_argument_layouts_agree(sampler: str) -> None:
+    if sampler == "pytorch":
+        pytest.skip("one run is enough")
+    lib = native.library()
+    native.check_layout(lib, "vsrkit_dcn_args", native.DcnArgs)
+    native.check_layout(lib, "vsrkit_nnp_args", native.NnpArgs)

@@ -24,9 +24,10 @@ from torch.nn import functional as F
 import vsrkit
 from vsrkit.accel import prepare_for_inference, prepared_precision
 from vsrkit.engine import Upscaler
-from vsrkit.models.blocks import _FUSED_CONV, conv_act, pixel_shuffle2, reorder_for_subpixel_last
+from vsrkit.models.blocks import SubpixelConv2d, conv_act, conv_act_shuffle2
 from vsrkit.ops import native, nnpack
 from vsrkit.ops.deform_conv import deform_conv2d
+from vsrkit.ops.fast_conv import FUSED_CONV, FastConv2d
 
 ARCHS = ["basicvsr", "iconvsr", "basicvsr_pp"]
 
@@ -57,20 +58,22 @@ def clip() -> torch.Tensor:
     return torch.stack([base[..., i : i + 64, 2 * i : 2 * i + 80] for i in range(5)], dim=1)
 
 
-@pytest.mark.skipif(_FUSED_CONV is None, reason="this torch build has no oneDNN fused conv")
+@pytest.mark.skipif(FUSED_CONV is None, reason="this torch build has no oneDNN fused conv")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("act", "residual"), [(None, False), ("relu", False), ("leaky_relu", False), (None, True)]
 )
 def test_fused_conv_epilogue_equals_conv_then_op(dtype, act, residual):
     torch.manual_seed(0)
-    conv = nn.Conv2d(16, 16, 3, 1, 1).to(dtype, memory_format=torch.channels_last).eval()
+    conv = nn.Conv2d(16, 16, 3, 1, 1).eval()
+    plain_conv = copy.deepcopy(conv).to(dtype, memory_format=torch.channels_last)
+    fast = FastConv2d.from_conv(conv, dtype=dtype, channels_last=True, fuse=True)
+    assert fast.fuse
     x = torch.randn(2, 16, 11, 13).to(dtype)
     res = torch.randn(2, 16, 11, 13).to(dtype) if residual else None
     with torch.no_grad():
-        plain = conv_act(conv, x, act, 0.1, res)
-        conv._vsrkit_fuse = True
-        fused = conv_act(conv, x, act, 0.1, res)
+        plain = conv_act(plain_conv, x, act, 0.1, res)
+        fused = conv_act(fast, x, act, 0.1, res)
     assert fused.dtype == plain.dtype
     assert fused.is_contiguous(memory_format=torch.channels_last)
     tol = 0 if dtype == torch.float32 else 0.02  # bf16: the fused sum is rounded once, not twice
@@ -78,11 +81,11 @@ def test_fused_conv_epilogue_equals_conv_then_op(dtype, act, residual):
 
 
 def test_fused_path_is_not_taken_under_autograd():
-    conv = nn.Conv2d(4, 4, 3, 1, 1)
-    conv._vsrkit_fuse = True
+    """With autograd the compute weights come from the parameters in the graph: gradients reach them."""
+    conv = FastConv2d.from_conv(nn.Conv2d(4, 4, 3, 1, 1), channels_last=True, fuse=True)
     x = torch.randn(1, 4, 8, 8, requires_grad=True)
     conv_act(conv, x, "relu").sum().backward()
-    assert x.grad is not None
+    assert x.grad is not None and conv.weight.grad is not None and conv.bias.grad is not None
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -112,47 +115,120 @@ def test_prepared_bf16_is_close_to_fp32(arch, spynet_precision, clip):
     assert quality > 50
 
 
-def test_preparation_keeps_the_original_and_the_key_layout():
+def test_preparation_keeps_the_original_and_its_parameters():
     model = tiny("basicvsr_pp")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     prepared = prepare_for_inference(model, "cpu", "bf16")
     assert prepared is not model
-    assert prepared.state_dict().keys() == model.state_dict().keys()
     for k, v in model.state_dict().items():  # the caller's model is untouched
         assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
-    assert model.upconv1.weight.is_contiguous()
-    assert prepared.upconv1.weight.dtype == torch.bfloat16
-    assert prepared.upconv1.weight.is_contiguous(memory_format=torch.channels_last)
-    assert prepared.deform_align["forward_1"].weight.dtype == torch.bfloat16
+    assert not any(isinstance(m, FastConv2d) for m in model.modules())
+    # The tail's sub-pixel convs compute in bf16, NHWC, channels in (i, j, c) order; the
+    # parameters stay the original's.
+    upconv = prepared.upconv1
+    assert isinstance(upconv, FastConv2d) and upconv.subpixel_last and upconv.compute_dtype == torch.bfloat16
+    assert upconv.weight.dtype == torch.float32 and upconv.weight.is_contiguous()
+    with torch.inference_mode():
+        compute_weight, _ = upconv.compute_params()
+    assert compute_weight.dtype == torch.bfloat16
+    assert compute_weight.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(compute_weight.float(), upconv.weight.to(torch.bfloat16).float())  # reordered
+    # The deformable convs are not convs: left as they are (they compute in their input's dtype).
+    assert prepared.deform_align["forward_1"].weight.dtype == torch.float32
     # SPyNet: bf16 conv stacks (fp32 through NNPACK where it runs), fp32 normalisation buffers.
     spynet_conv = prepared.spynet.basic_module[0].basic_module[0]
-    assert spynet_conv.weight.dtype == (torch.float32 if nnpack.available() else torch.bfloat16)
-    assert getattr(spynet_conv, "_vsrkit_nnpack", False) == nnpack.available()
-    assert not getattr(prepared.upconv1, "_vsrkit_nnpack", False)
+    assert spynet_conv.compute_dtype == (torch.float32 if nnpack.available() else torch.bfloat16)
+    assert spynet_conv.nnpack == nnpack.available()
+    assert not prepared.upconv1.nnpack
     direct = prepare_for_inference(model, "cpu", "bf16", nnpack=False)
-    assert direct.spynet.basic_module[0].basic_module[0].weight.dtype == torch.bfloat16
+    assert direct.spynet.basic_module[0].basic_module[0].compute_dtype == torch.bfloat16
     assert prepared.spynet.mean.dtype == torch.float32
     keep = prepare_for_inference(model, "cpu", "bf16", spynet_precision="fp32")
-    assert keep.spynet.basic_module[0].basic_module[0].weight.dtype == torch.float32
+    assert keep.spynet.basic_module[0].basic_module[0].compute_dtype == torch.float32
     assert prepared_precision(prepared) == "bf16"
 
 
-def test_non_cpu_devices_are_left_alone():
-    """Nothing CPU-specific reaches other devices: no dtype change, no NHWC, no fused ops."""
+NNPACK_CHOICES = [
+    False,
+    pytest.param(True, marks=pytest.mark.skipif(not nnpack.available(), reason="NNPACK unavailable")),
+]
+
+
+@pytest.mark.parametrize("use_nnpack", NNPACK_CHOICES)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_prepared_state_dict_equals_the_originals(precision, use_nnpack):
+    """Keys, dtypes and values: preparing changes how the model computes, not what it holds."""
+    for arch in ("iconvsr", "basicvsr_pp"):
+        model = tiny(arch)
+        prepared = prepare_for_inference(model, "cpu", precision, nnpack=use_nnpack)
+        fast_convs = [m for m in prepared.modules() if isinstance(m, FastConv2d)]
+        assert len(fast_convs) > 10
+        with torch.inference_mode():
+            for conv in fast_convs:
+                conv.compute_params()  # what a forward call derives: now it exists
+        original, state = model.state_dict(), prepared.state_dict()
+        assert list(state) == list(original)
+        for key, value in original.items():
+            assert state[key].dtype == value.dtype and torch.equal(state[key], value), key
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_fresh_model_loading_a_prepared_state_dict_is_the_original(precision, clip):
+    clip = clip[:, :3, :, :32, :40]
     model = tiny("basicvsr")
-    prepared = prepare_for_inference(model, "meta", "bf16")
-    assert prepared_precision(prepared) is None
-    assert all(p.dtype == torch.float32 for p in prepared.parameters())
-    assert not any(getattr(m, "_vsrkit_fuse", False) for m in prepared.modules())
-    assert prepared.upconv1.weight.is_contiguous()
+    prepared = prepare_for_inference(model, "cpu", precision)
+    fresh = vsrkit.create_model("basicvsr", mid_channels=16, num_blocks=2).eval()
+    fresh.load_state_dict(prepared.state_dict())
+    with torch.inference_mode():
+        assert torch.equal(fresh(clip), model(clip))
+
+
+def test_a_prepared_model_follows_new_weights(clip):
+    """Loading other weights into a prepared model re-derives its compute copies."""
+    clip = clip[:, :3, :, :32, :40]
+    prepared = prepare_for_inference(tiny("basicvsr", seed=0), "cpu", "bf16")
+    other = tiny("basicvsr", seed=1)
+    with torch.inference_mode():
+        before = prepared(clip)
+    prepared.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        after = prepared(clip)
+        reference = prepare_for_inference(other, "cpu", "bf16")(clip)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, reference)
+
+
+class PlainUpconv(nn.Module):
+    """A conv named like the ×4 tail's but used as a plain conv (no pixel shuffle)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.upconv1 = nn.Conv2d(8, 16, 3, 1, 1)
+        self.upconv2 = nn.Conv2d(16, 8, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.upconv2(conv_act(self.upconv1, x, "leaky_relu"))
+
+
+@pytest.mark.parametrize("use_nnpack", NNPACK_CHOICES)
+def test_a_plain_conv_named_upconv1_is_left_numerically_unchanged(use_nnpack):
+    """Sub-pixel convs are found by their class, not their names: nothing is reordered here."""
+    torch.manual_seed(0)
+    model = PlainUpconv().eval()
+    x = torch.randn(1, 8, 48, 52)
+    prepared = prepare_for_inference(model, "cpu", "fp32", nnpack=use_nnpack)
+    assert not prepared.upconv1.subpixel_last and not prepared.upconv2.subpixel_last
+    with torch.inference_mode():
+        diff = (prepared(x) - model(x)).abs().max().item()
+    assert diff <= (1e-4 if use_nnpack else 1e-5)
 
 
 def test_engine_prepares_bf16_weights_instead_of_autocast(clip):
     model = tiny("basicvsr")
     engine = Upscaler(model, device="cpu", precision="bf16")
     assert engine.model is not model
-    assert engine.model.forward_trunk.main[0].weight.dtype == torch.bfloat16
-    assert model.forward_trunk.main[0].weight.dtype == torch.float32
+    assert engine.model.forward_trunk.main[0].compute_dtype == torch.bfloat16
+    assert not isinstance(model.forward_trunk.main[0], FastConv2d)
     assert not torch.is_autocast_enabled("cpu")
     with engine._autocast():
         assert not torch.is_autocast_enabled("cpu")
@@ -214,24 +290,24 @@ def test_fast_deformable_conv_bf16_channels_last_is_close_to_fp32():
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_subpixel_channel_reorder_gives_the_same_pixel_shuffle(channels_last):
-    """A prepared tail's (i, j, c)-ordered sub-pixel conv + pixel_shuffle2 == conv + F.pixel_shuffle."""
+    """A sub-pixel conv computed in (i, j, c) channel order shuffles to F.pixel_shuffle's result;
+    called directly, it still returns the original channel order."""
     gen = torch.Generator().manual_seed(3)
-    conv = nn.Conv2d(8, 4 * 6, 3, 1, 1)
+    conv = SubpixelConv2d(8, 4 * 6, 3, 1, 1)
     with torch.no_grad():
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
         conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen))
     x = torch.randn(2, 8, 5, 7, generator=gen)
-    expected = F.pixel_shuffle(conv(x), 2)
-    reordered = copy.deepcopy(conv)
-    if channels_last:
-        reordered = reordered.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    reorder_for_subpixel_last(reordered)
-    assert not torch.equal(reordered.weight, conv.weight)
-    assert pixel_shuffle2(conv, conv(x)).equal(F.pixel_shuffle(conv(x), 2))  # unmarked: plain op
-    out = pixel_shuffle2(reordered, reordered(x))
+    with torch.no_grad():
+        expected = F.pixel_shuffle(F.leaky_relu(conv(x), 0.1), 2)
+        fast = FastConv2d.from_conv(copy.deepcopy(conv), channels_last=channels_last, subpixel_last=True)
+        assert fast.subpixel_last == channels_last  # only channels-last convs gain from the order
+        out = conv_act_shuffle2(fast, x, "leaky_relu", 0.1)
+        direct = fast(x)
+    assert torch.equal(conv_act_shuffle2(conv, x, "leaky_relu", 0.1), expected)  # a plain conv: plain ops
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(direct, conv(x), rtol=0, atol=1e-5)
 
 
 def test_keep_freed_memory_takes_effect_on_glibc():

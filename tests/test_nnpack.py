@@ -21,8 +21,13 @@ from vsrkit.accel import prepare_for_inference
 from vsrkit.engine import Upscaler
 from vsrkit.errors import VsrkitError
 from vsrkit.ops import nnpack
+from vsrkit.ops.fast_conv import FastConv2d
 
 pytestmark = pytest.mark.skipif(not nnpack.available(), reason=f"{nnpack.unavailable_reason}")
+
+
+def through_nnpack(module: nn.Module) -> bool:
+    return isinstance(module, FastConv2d) and module.nnpack
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -68,8 +73,8 @@ def test_conv2d_equals_the_exact_convolution(n, cin, cout, h, w, k, epilogue):
 
 def test_a_conv_built_in_inference_mode_runs():
     with torch.inference_mode():
-        conv = nn.Conv2d(8, 8, 3, 1, 1)  # inference tensors: no version counter
-        conv.__class__ = nnpack.NNPACKConv2d
+        # Inference tensors: no version counter to tell whether the compute copy is current.
+        conv = FastConv2d.from_conv(nn.Conv2d(8, 8, 3, 1, 1), nnpack=True)
         x = torch.randn(1, 8, 64, 40)
         out = conv(x)
         exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
@@ -126,7 +131,7 @@ def test_nnpack_module_is_a_plain_conv_under_autograd():
     conv = nn.Conv2d(4, 6, 3, 1, 1)
     plain = nn.Conv2d(4, 6, 3, 1, 1)
     plain.load_state_dict(conv.state_dict())
-    conv.__class__ = nnpack.NNPACKConv2d
+    conv = FastConv2d.from_conv(conv, nnpack=True)
     x = torch.randn(1, 4, 9, 9, requires_grad=True)
     out = conv(x)
     assert torch.equal(out, plain(x))  # the direct kernel, bit for bit
@@ -144,12 +149,13 @@ def test_prepared_fp32_model_runs_its_convs_through_nnpack(arch):
     clip = torch.stack([base[..., i : i + 64, 2 * i : 2 * i + 80] for i in range(5)], dim=1)
     prepared = prepare_for_inference(model, "cpu", "fp32")
     direct = prepare_for_inference(model, "cpu", "fp32", nnpack=False)
-    marked = [name for name, m in prepared.named_modules() if getattr(m, "_vsrkit_nnpack", False)]
+    marked = [name for name, m in prepared.named_modules() if through_nnpack(m)]
     supported = [name for name, m in model.named_modules() if nnpack.supports(m)]
     assert marked == supported and len(marked) > 10
-    assert not any(getattr(m, "_vsrkit_nnpack", False) for m in direct.modules())
+    assert not any(through_nnpack(m) for m in direct.modules())
     assert prepared.state_dict().keys() == model.state_dict().keys()
-    assert prepare_for_inference(model, "cpu", "bf16").upconv1.weight.dtype == torch.bfloat16  # bf16: oneDNN
+    bf16_upconv = prepare_for_inference(model, "cpu", "bf16").upconv1  # bf16: oneDNN
+    assert bf16_upconv.compute_dtype == torch.bfloat16 and not bf16_upconv.nnpack
     with torch.inference_mode():
         plain = model(clip)
         fast = prepared(clip)
@@ -162,14 +168,14 @@ def test_turned_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("VSRKIT_NNPACK", "0")
     assert not nnpack.available()
     prepared = prepare_for_inference(tiny("basicvsr"), "cpu", "fp32")
-    assert not any(getattr(m, "_vsrkit_nnpack", False) for m in prepared.modules())
+    assert not any(through_nnpack(m) for m in prepared.modules())
     with pytest.raises(RuntimeError):
         prepare_for_inference(tiny("basicvsr"), "cpu", "fp32", nnpack=True)
 
 
 def test_engine_option_chooses_the_path(monkeypatch):
     model = tiny("basicvsr")
-    uses = lambda engine: any(getattr(m, "_vsrkit_nnpack", False) for m in engine.model.modules())  # noqa: E731
+    uses = lambda engine: any(through_nnpack(m) for m in engine.model.modules())  # noqa: E731
     assert uses(Upscaler(model, device="cpu"))
     assert not uses(Upscaler(model, device="cpu", nnpack=False))
     monkeypatch.setenv("VSRKIT_NNPACK", "0")
@@ -200,3 +206,28 @@ def test_conv2d_with_other_thread_counts(threads):
 def test_pytorchs_library_is_found_among_the_loaded_ones():
     """The fallback where torch/lib has no libtorch_cpu (other packagings): the mapped files."""
     assert any(p.name.startswith("libtorch_cpu") for p in nnpack._loaded_libraries("libtorch"))
+
+
+class NNPACKConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 16, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nnpack.conv2d(x, self.conv.weight, self.conv.bias, act="leaky_relu", slope=0.1)
+
+
+def test_export_and_compile_see_the_nnpack_op():
+    """torch.export keeps vsrkit::nnpack_conv2d in the graph (its fake kernel gives the shape);
+    torch.compile traces it in one graph; both compute what the eager op does."""
+    torch.manual_seed(0)
+    module = NNPACKConv().eval()
+    x = torch.randn(1, 8, 64, 48)
+    with torch.no_grad():
+        eager = module(x)
+        exported = torch.export.export(module, (x,))
+        targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+        assert "vsrkit.nnpack_conv2d.default" in targets, targets
+        assert torch.equal(exported.module()(x), eager)
+        compiled = torch.compile(nnpack.nnpack_conv2d_op, backend="eager", fullgraph=True)
+        assert torch.equal(compiled(x, module.conv.weight, module.conv.bias, 2, 0.1, None, False), eager)

@@ -9,8 +9,9 @@
   the few NCHW producers (``grid_sample``, the LR frames) are converted inside the next conv.
 * **CPU, bf16: bf16 weights instead of autocast.** Autocast re-casts every weight at every call
   (about 60 convs a frame); bf16 weights are cast once, and bf16 NHWC convs reach ~380 GFLOP/s
-  against ~250 under autocast. Every convolution that holds bf16 weights gets a pre-hook that
-  casts an fp32 input (an LR frame concatenated to a feature, a flow) to bf16. What needs fp32
+  against ~250 under autocast. A bf16 convolution casts an fp32 input (an LR frame
+  concatenated to a feature, a flow) to bf16. The deformable convs compute in their input's
+  dtype (bf16 features), casting their small fp32 weights at each call. What needs fp32
   stays fp32: warping grids and sampling (:func:`vsrkit.ops.warp.flow_warp` samples in fp32),
   the flow accumulation in SPyNet (its levels add a bf16 residual to an fp32 flow), the
   deformable-conv offsets (added to fp32 flows) and the final residual sum of the ×4 tail
@@ -29,14 +30,19 @@
   Under bf16 only SPyNet does (in fp32: faster than its bf16 direct convs). ``nnpack=False``
   keeps oneDNN's direct convolutions (bit-identical to the plain model in fp32).
 * **CPU: sub-pixel convs in (i, j, c) channel order** so that the ×2 pixel shuffles of the
-  tail move contiguous runs of channels (oneDNN's channels-last convs only; see
-  :func:`vsrkit.models.blocks.reorder_for_subpixel_last`).
+  tail move contiguous runs of channels (oneDNN's channels-last convs only). The sub-pixel
+  convs are found by their class, :class:`vsrkit.models.blocks.SubpixelConv2d` (what
+  :func:`vsrkit.models.blocks.add_upsample_tail` builds), never by their names.
 * **CUDA and other devices: unchanged** (the model is moved and put in eval mode); the engine
   keeps using autocast there, so nothing here can slow the GPU path.
 
-The prepared copy has the same ``state_dict`` keys, but its tensors are bf16 after a bf16
-preparation and, where they run on oneDNN, its ``upconv1``/``upconv2`` channels are
-reordered: save checkpoints from the original model.
+How: every plain ``nn.Conv2d`` (and ``SubpixelConv2d``) is replaced, by type, with a
+:class:`vsrkit.ops.fast_conv.FastConv2d` that keeps the original's parameters untouched and
+computes with a derived copy (bf16, NHWC, reordered) held as a non-persistent buffer; SpyNet
+is found as an instance of :class:`vsrkit.models.spynet.SpyNet`. Other modules (deformable
+convs, subclasses of ``nn.Conv2d`` with their own ``forward``) are left as they are. So the
+prepared copy's ``state_dict()`` equals the original's (keys, dtypes, values), and a fresh
+model loading it gives the original model.
 """
 
 from __future__ import annotations
@@ -44,12 +50,15 @@ from __future__ import annotations
 import copy
 import ctypes
 import platform
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .models.blocks import _FUSED_CONV, reorder_for_subpixel_last
+from .models.blocks import SubpixelConv2d
+from .models.spynet import SpyNet
 from .ops import nnpack as nnpack_ops
+from .ops.fast_conv import FastConv2d
 
 CPU_PRECISIONS = ("fp32", "bf16")
 
@@ -81,38 +90,17 @@ def keep_freed_memory() -> bool:
     return _malloc_kept
 
 
-def _cast_input_to_weight_dtype(module: nn.Module, args: tuple) -> tuple | None:
-    x = args[0]
-    dtype = module.weight.dtype
-    if x.dtype != dtype:
-        return (x.to(dtype), *args[1:])
-    return None
-
-
-def _to_bf16(module: nn.Module) -> None:
-    module.to(torch.bfloat16)
-    for sub in module.modules():
-        if isinstance(sub, nn.Conv2d) and not getattr(sub, "_vsrkit_cast_hook", False):
-            sub.register_forward_pre_hook(_cast_input_to_weight_dtype)
-            sub._vsrkit_cast_hook = True
-
-
-def _mark_fusable(model: nn.Module) -> None:
-    if _FUSED_CONV is None or not torch.backends.mkldnn.is_available():
-        return
-    for module in model.modules():
-        # String paddings ("same") and non-zero padding modes are not oneDNN's: plain path.
-        if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros":
-            module._vsrkit_fuse = isinstance(module.padding, tuple)
-
-
-def _use_nnpack(model: nn.Module) -> None:
-    """Supported convs run through NNPACK, on NCHW weights (its layout); the rest stay oneDNN's."""
-    for module in model.modules():
-        if nnpack_ops.supports(module) and module.weight.dtype == torch.float32:
-            module.weight.data = module.weight.data.contiguous()
-            module.__class__ = nnpack_ops.NNPACKConv2d
-            module._vsrkit_nnpack = True
+def _replace_convs(model: nn.Module, fast_conv: Callable[[nn.Conv2d], nn.Module | None]) -> None:
+    """Put ``fast_conv(conv)`` in place of every plain conv of ``model`` (None: keep it)."""
+    done: dict[int, nn.Module] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            # Exactly these classes: a subclass may compute something else in its forward.
+            if type(child) not in (nn.Conv2d, SubpixelConv2d):
+                continue
+            if id(child) not in done:  # a conv shared by two parents stays shared
+                done[id(child)] = fast_conv(child) or child
+            setattr(parent, name, done[id(child)])
 
 
 def prepare_for_inference(
@@ -149,40 +137,29 @@ def prepare_for_inference(
         raise ValueError(f"precision on the CPU must be one of {CPU_PRECISIONS}, got {precision!r}")
     if channels_last is None:
         channels_last = True
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if channels_last and fuse:
-        _mark_fusable(model)
     if nnpack is None:
         nnpack = nnpack_ops.available()
     elif nnpack and not nnpack_ops.available():
         raise RuntimeError(nnpack_ops.unavailable_reason or "NNPACK is turned off (VSRKIT_NNPACK=0)")
-    if nnpack and precision == "fp32":
-        _use_nnpack(model)
-    elif nnpack and hasattr(model, "spynet"):
-        # Under bf16, SPyNet's 7×7 convs in fp32 through NNPACK's FFT are faster than in bf16
-        # through oneDNN, and exact to fp32 rounding.
-        _use_nnpack(model.spynet)
-    if channels_last:
-        for module in model.modules():
-            for name in ("upconv1", "upconv2"):
-                conv = getattr(module, name, None)
-                if (
-                    isinstance(conv, nn.Conv2d)
-                    and not getattr(conv, "_vsrkit_subpixel_last", False)
-                    and not getattr(conv, "_vsrkit_nnpack", False)
-                ):
-                    reorder_for_subpixel_last(conv)
-    if precision == "bf16":
-        for name, child in model.named_children():
-            if name == "spynet":
-                if spynet_precision == "same" and not nnpack:
-                    # Only the conv stacks: the ImageNet mean/std buffers stay fp32.
-                    _to_bf16(child.basic_module)
-                continue
-            _to_bf16(child)
-        for param in list(model.parameters(recurse=False)):
-            param.data = param.data.to(torch.bfloat16)
+    in_spynet = {id(m) for net in model.modules() if isinstance(net, SpyNet) for m in net.modules()}
+    bf16 = precision == "bf16"
+    # Under bf16, SPyNet's 7×7 convs in fp32 through NNPACK's FFT are faster than in bf16
+    # through oneDNN, and exact to fp32 rounding; without NNPACK they follow spynet_precision.
+    spynet_bf16 = bf16 and spynet_precision == "same" and not nnpack
+
+    def fast_conv(conv: nn.Conv2d) -> FastConv2d:
+        spynet = id(conv) in in_spynet
+        through_nnpack = nnpack and nnpack_ops.supports(conv) and (not bf16 or spynet)
+        return FastConv2d.from_conv(
+            conv,
+            dtype=torch.bfloat16 if (spynet_bf16 if spynet else bf16) else torch.float32,
+            channels_last=channels_last,
+            fuse=channels_last and fuse,
+            nnpack=through_nnpack,
+            subpixel_last=isinstance(conv, SubpixelConv2d),
+        )
+
+    _replace_convs(model, fast_conv)
     model._vsrkit_prepared = (device.type, precision, channels_last)
     return model
 

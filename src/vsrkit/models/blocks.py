@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops import nnpack
+from ..ops.fast_conv import FastConv2d
 
 
 def is_exporting() -> bool:
@@ -28,28 +28,15 @@ def conv_act(
 ) -> torch.Tensor:
     """``act(conv(x))`` (``"relu"``, ``"leaky_relu"`` or None), or ``residual + conv(x)``.
 
-    On a model prepared for the CPU (:func:`vsrkit.accel.prepare_for_inference` sets
-    ``conv._vsrkit_fuse``) and without autograd, this is one oneDNN call with the activation
-    or the sum fused into the convolution: the separate elementwise passes over the feature
-    map cost 10-20 % of a trunk. In fp32 the fused result is bit-identical; in bf16 the sum is
-    rounded once instead of twice. On convs prepared for NNPACK (``conv._vsrkit_nnpack``, fp32)
-    it is NNPACK's Winograd/FFT convolution with the epilogue fused (:mod:`vsrkit.ops.nnpack`).
-    Everywhere else (training, CUDA, unprepared models) it is the plain module call followed
-    by the plain op.
+    On a model prepared for the CPU (:func:`vsrkit.accel.prepare_for_inference` puts a
+    :class:`vsrkit.ops.fast_conv.FastConv2d` in place of each conv) this is
+    :meth:`~vsrkit.ops.fast_conv.FastConv2d.fused`: without autograd, one oneDNN or NNPACK call
+    with the activation or the sum fused into the convolution (the separate elementwise passes
+    over the feature map cost 10-20 % of a trunk). Everywhere else (training, CUDA, unprepared
+    models) it is the plain module call followed by the plain op.
     """
-    if getattr(conv, "_vsrkit_nnpack", False) and nnpack.worth_it(x):
-        # fp32 CPU models prepared with NNPACK (vsrkit.ops.nnpack): epilogue fused in C.
-        return nnpack.conv2d(x, conv.weight, conv.bias, act=act, slope=slope, residual=residual)
-    if getattr(conv, "_vsrkit_fuse", False) and not torch.is_grad_enabled():
-        w = conv.weight
-        x = x.to(w.dtype).contiguous(memory_format=torch.channels_last)
-        geometry = (conv.padding, conv.stride, conv.dilation, conv.groups)
-        if residual is not None:
-            other = residual.to(w.dtype).contiguous(memory_format=torch.channels_last)
-            return _FUSED_CONV.binary(x, other, w, conv.bias, *geometry, "add", None, None, [], None)
-        if act == "leaky_relu":
-            return _FUSED_CONV(x, w, conv.bias, *geometry, "leaky_relu", [slope], "")
-        return _FUSED_CONV(x, w, conv.bias, *geometry, act or "none", [], "")
+    if isinstance(conv, FastConv2d):
+        return conv.fused(x, act, slope, residual)
     out = conv(x)
     if residual is not None:
         return residual + out
@@ -58,17 +45,6 @@ def conv_act(
     if act == "leaky_relu":
         return F.leaky_relu(out, slope)
     return out
-
-
-def _fused_conv_op():
-    """oneDNN's conv with a fused epilogue (what Inductor emits on CPU), or None if absent."""
-    try:
-        return torch.ops.mkldnn._convolution_pointwise
-    except (AttributeError, RuntimeError):
-        return None
-
-
-_FUSED_CONV = _fused_conv_op()
 
 
 class ResidualBlockNoBN(nn.Module):
@@ -101,14 +77,26 @@ class ConvResidualBlocks(nn.Module):
         return self.main[2](conv_act(self.main[0], x, "leaky_relu", 0.1))
 
 
+class SubpixelConv2d(nn.Conv2d):
+    """A convolution whose output is the input of a ×2 pixel shuffle (a sub-pixel conv).
+
+    It computes exactly as ``nn.Conv2d`` (same parameters and keys); the class says what the
+    conv is for, so that :func:`vsrkit.accel.prepare_for_inference` can order its output
+    channels for the shuffle. :func:`conv_act_shuffle2` is how it is meant to be called.
+    """
+
+    upscale_factor = 2
+
+
 def add_upsample_tail(model: nn.Module, channels: int) -> None:
     """Register the ×4 tail's convs on ``model`` under BasicSR's flat names.
 
-    The tail is two pixel-shuffle ×2 stages, ``conv_hr`` and ``conv_last``; keeping its convs
-    on the model (not in a submodule) keeps checkpoints in BasicSR's key layout.
+    The tail is two pixel-shuffle ×2 stages (:class:`SubpixelConv2d`), ``conv_hr`` and
+    ``conv_last``; keeping its convs on the model (not in a submodule) keeps checkpoints in
+    BasicSR's key layout.
     """
-    model.upconv1 = conv3x3(channels, channels * 4)
-    model.upconv2 = conv3x3(channels, 64 * 4)
+    model.upconv1 = SubpixelConv2d(channels, channels * 4, 3, 1, 1)
+    model.upconv2 = SubpixelConv2d(channels, 64 * 4, 3, 1, 1)
     model.conv_hr = conv3x3(64, 64)
     model.conv_last = conv3x3(64, 3)
 
@@ -125,45 +113,13 @@ def upsample_tail_memory(height: int, width: int) -> int:
     return TAIL_FLOATS_PER_PIXEL * 4 * height * width
 
 
-def reorder_for_subpixel_last(conv: nn.Conv2d) -> None:
-    """Reorder the output channels of a ×2 sub-pixel conv from (c, i, j) to (i, j, c).
-
-    ``F.pixel_shuffle`` reads channel ``4c + 2i + j``; on channels-last tensors that is a
-    gather with a stride of 4 elements, measured at ~5 % of a bf16 BasicVSR++ frame. With the
-    channels in (i, j, c) order, :func:`pixel_shuffle2` moves whole runs of ``c`` contiguous
-    channels instead. Used by :func:`vsrkit.accel.prepare_for_inference` on the CPU; the conv
-    is marked so that :func:`pixel_shuffle2` knows the order.
-    """
-    with torch.no_grad():
-        c = conv.out_channels // 4
-        fmt = torch.channels_last if conv.weight.is_contiguous(memory_format=torch.channels_last) else None
-        weight = conv.weight.view(c, 4, *conv.weight.shape[1:]).transpose(0, 1).reshape(conv.weight.shape)
-        conv.weight.data = weight.contiguous(memory_format=fmt) if fmt else weight.contiguous()
-        if conv.bias is not None:
-            conv.bias.data = conv.bias.view(c, 4).t().reshape(-1).contiguous()
-    conv._vsrkit_subpixel_last = True
-
-
-def pixel_shuffle2(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``F.pixel_shuffle(x, 2)`` of ``conv``'s output, in the channel order ``conv`` produces."""
-    if not getattr(conv, "_vsrkit_subpixel_last", False):
-        return F.pixel_shuffle(x, 2)
-    n, c4, h, w = x.shape
-    c = c4 // 4
-    out = torch.empty((n, c, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    # Channels-last views: source (n, h, w, i, j, c), destination (n, h, i, w, j, c).
-    src = x.permute(0, 2, 3, 1).reshape(n, h, w, 2, 2, c)
-    out.permute(0, 2, 3, 1).view(n, h, 2, w, 2, c).copy_(src.permute(0, 1, 3, 2, 4, 5))
-    return out
-
-
 def conv_act_shuffle2(
-    conv: nn.Conv2d, x: torch.Tensor, act: str = "leaky_relu", slope: float = 0.1
+    conv: nn.Conv2d, x: torch.Tensor, act: str | None = "leaky_relu", slope: float = 0.1
 ) -> torch.Tensor:
-    """``F.pixel_shuffle(act(conv(x)), 2)``; through NNPACK the shuffle is done as it stores."""
-    if getattr(conv, "_vsrkit_nnpack", False) and nnpack.worth_it(x):
-        return nnpack.conv2d(x, conv.weight, conv.bias, act=act, slope=slope, pixel_shuffle=True)
-    return pixel_shuffle2(conv, conv_act(conv, x, act, slope))
+    """``F.pixel_shuffle(act(conv(x)), 2)``; on a prepared conv, one fused call (see conv_act)."""
+    if isinstance(conv, FastConv2d):
+        return conv.act_shuffle2(x, act, slope)
+    return F.pixel_shuffle(conv_act(conv, x, act, slope), 2)
 
 
 def run_upsample_tail(

@@ -25,6 +25,7 @@
  * flags -fno-math-errno -fno-trapping-math let it inline floorf and if-convert the clamps).
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -174,25 +175,44 @@ DEFINE_GATHER(gather_f32_bf16, float, AS_IS, uint16_t, f32_to_bf16)
 DEFINE_GATHER(gather_bf16_f32, uint16_t, bf16_to_f32, float, AS_IS)
 DEFINE_GATHER(gather_bf16_bf16, uint16_t, bf16_to_f32, uint16_t, f32_to_bf16)
 
+/* The arguments of one call, passed as one struct. The field list is written once, here: the
+ * struct and the layout report below (names, offsets, sizes) are generated from it, and
+ * vsrkit/ops/native.py compares that report with its ctypes.Structure before using the kernel. */
+#define DCN_ARGS_FIELDS(X)                                                                         \
+    X(const void *, input) /* channels-last (H, W, C) */                                           \
+    X(int32_t, input_dtype) X(int64_t, H) X(int64_t, W) X(int64_t, C)                              \
+    X(const void *, offset) X(int32_t, offset_dtype) X(int64_t, off_ps) X(int64_t, off_cs)        \
+    X(const void *, mask) X(int32_t, mask_dtype) X(int64_t, mask_ps) X(int64_t, mask_cs)          \
+    X(float, tanh_scale) X(int32_t, mask_sigmoid)                                                  \
+    X(const float *, flow_a) X(const float *, flow_b) X(int64_t, flow_ps) X(int64_t, flow_cs)     \
+    X(int64_t, G) X(int64_t, kh) X(int64_t, kw) X(int64_t, sh) X(int64_t, sw) X(int64_t, ph)       \
+    X(int64_t, pw) X(int64_t, dh) X(int64_t, dw) X(int64_t, Wo) X(int64_t, row0) X(int64_t, row1) \
+    X(void *, out) /* the im2col rows [row0 * Wo, row1 * Wo) */                                    \
+    X(int32_t, out_dtype)
+
+#define VSRKIT_STRUCT_FIELD(type, name) type name;
 typedef struct {
-    const void *input;
-    int input_dtype;
-    int64_t H, W, C;
-    const void *offset;
-    int offset_dtype;
-    int64_t off_ps, off_cs;
-    const void *mask;
-    int mask_dtype;
-    int64_t mask_ps, mask_cs;
-    float tanh_scale;
-    int mask_sigmoid;
-    const float *flow_a, *flow_b;
-    int64_t flow_ps, flow_cs;
-    int64_t G, kh, kw, sh, sw, ph, pw, dh, dw, Wo;
-    void *out; /* the im2col row of output pixel `out_pixel0` */
-    int out_dtype;
-    int64_t out_pixel0;
-} Problem;
+    DCN_ARGS_FIELDS(VSRKIT_STRUCT_FIELD)
+} DcnArgs;
+
+/* "name,name,...": the fields in order. */
+#define VSRKIT_FIELD_NAME(type, name) #name ","
+const char *vsrkit_dcn_args_fields(void) { return DCN_ARGS_FIELDS(VSRKIT_FIELD_NAME); }
+
+/* sizeof(DcnArgs), then each field's offset and size; returns how many values that is (written
+ * only if they fit in `capacity`). */
+#define VSRKIT_FIELD_LAYOUT(type, name)                                                            \
+    if (n + 2 <= capacity) {                                                                       \
+        layout[n] = (int64_t)offsetof(DcnArgs, name);                                              \
+        layout[n + 1] = (int64_t)sizeof(((DcnArgs *)0)->name);                                     \
+    }                                                                                              \
+    n += 2;
+int64_t vsrkit_dcn_args_layout(int64_t *layout, int64_t capacity) {
+    int64_t n = 1;
+    if (capacity >= 1) layout[0] = (int64_t)sizeof(DcnArgs);
+    DCN_ARGS_FIELDS(VSRKIT_FIELD_LAYOUT)
+    return n;
+}
 
 /* The n samples of one output pixel at (base_y, base_x): offsets o[s][dy, dx] and masks m[s],
  * into four corner offsets into the input and four weights each. Branch-free, so that the
@@ -231,8 +251,8 @@ static __attribute__((noinline)) void corner_samples(
 }
 
 /* Output pixels r * Wo + [wo0, wo1) of one row; off_buf and msk_buf hold Wo pixels' worth. */
-static void im2col_segment(const Problem *q, int64_t r, int64_t wo0, int64_t wo1, float *off_buf,
-                           float *msk_buf, const Samples *sp) {
+static void im2col_segment(const DcnArgs *q, int64_t out_pixel0, int64_t r, int64_t wo0, int64_t wo1,
+                           float *off_buf, float *msk_buf, const Samples *sp) {
     const int64_t G = q->G, K = q->kh * q->kw, cg = q->C / q->G, n = wo1 - wo0;
     const int64_t n_off = 2 * G * K, n_msk = G * K;
     const int out_bf16 = q->out_dtype == DT_BF16;
@@ -269,7 +289,7 @@ static void im2col_segment(const Problem *q, int64_t r, int64_t wo0, int64_t wo1
     for (int64_t i = 0; i < n; i++) {
         const float *o = off_buf + i * n_off;
         const float *m = msk_buf + i * n_msk;
-        const int64_t row = (r * q->Wo + wo0 + i - q->out_pixel0) * GK * cg;
+        const int64_t row = (r * q->Wo + wo0 + i - out_pixel0) * GK * cg;
         const float base_y = (float)(r * q->sh - q->ph), base_x = (float)((wo0 + i) * q->sw - q->pw);
         corner_samples(GK, base_y, base_x, o, m, sp->tap_y, sp->tap_x, sp->channel0, H, W, C, sp->i00, sp->i01,
                        sp->i10, sp->i11, sp->w00, sp->w01, sp->w10, sp->w11);
@@ -303,19 +323,10 @@ static void im2col_segment(const Problem *q, int64_t r, int64_t wo0, int64_t wo1
  * pixels over the OpenMP threads (the library links the libgomp that PyTorch has loaded, so
  * these are PyTorch's own threads and torch.set_num_threads applies). Returns 0, or -1 if a
  * thread could not allocate its buffers. */
-int vsrkit_dcn_im2col(
-    const void *input, int input_dtype, int64_t H, int64_t W, int64_t C,
-    const void *offset, int offset_dtype, int64_t off_ps, int64_t off_cs,
-    const void *mask, int mask_dtype, int64_t mask_ps, int64_t mask_cs,
-    float tanh_scale, int mask_sigmoid,
-    const float *flow_a, const float *flow_b, int64_t flow_ps, int64_t flow_cs,
-    int64_t G, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
-    int64_t dh, int64_t dw, int64_t Wo, int64_t row0, int64_t row1,
-    void *out, int out_dtype) {
-    const Problem q = {input, input_dtype, H, W, C, offset, offset_dtype, off_ps, off_cs,
-                       mask, mask_dtype, mask_ps, mask_cs, tanh_scale, mask_sigmoid,
-                       flow_a, flow_b, flow_ps, flow_cs, G, kh, kw, sh, sw, ph, pw, dh, dw, Wo,
-                       out, out_dtype, row0 * Wo};
+int vsrkit_dcn_im2col(const DcnArgs *args) {
+    const DcnArgs q = *args;
+    const int64_t G = q.G, kh = q.kh, kw = q.kw, dh = q.dh, dw = q.dw, C = q.C, Wo = q.Wo;
+    const int64_t row0 = q.row0, row1 = q.row1;
     const int64_t first = row0 * Wo, total = (row1 - row0) * Wo;
     const size_t per_pixel = (size_t)(3 * G * kh * kw) * sizeof(float);
     int status = 0;
@@ -347,7 +358,7 @@ int vsrkit_dcn_im2col(
             for (int64_t p = first + total * t / threads; p < p_end;) {
                 const int64_t r = p / Wo, wo0 = p % Wo;
                 const int64_t wo1 = wo0 + (p_end - p < Wo - wo0 ? p_end - p : Wo - wo0);
-                im2col_segment(&q, r, wo0, wo1, buf, buf + Wo * 2 * GK, &sp);
+                im2col_segment(&q, first, r, wo0, wo1, buf, buf + Wo * 2 * GK, &sp);
                 p += wo1 - wo0;
             }
             free(buf);

@@ -41,6 +41,7 @@ torchvision's own float32 result differs from a float64 one (see the tests).
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -50,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import native
+from .custom_ops import custom_op
 
 __all__ = ["EXPORT_FORMS", "deform_conv2d", "deform_conv2d_from_logits", "exporting_as"]
 
@@ -111,7 +113,7 @@ def deform_conv2d(
     dilation_hw = _pair(dilation, "dilation")
     if _export_form is not None:
         return _deform_conv2d_for_export(
-            input, offset, weight, bias, stride_hw, padding_hw, dilation_hw, mask
+            DeformConvCall(input, offset, weight, bias, stride_hw, padding_hw, dilation_hw, mask)
         )
     if input.device.type != "cpu":
         # torchvision's CUDA kernel is fast; only the CPU needs the replacement.
@@ -462,11 +464,85 @@ def _native_usable(dtype: torch.dtype, weight_groups: int) -> bool:
     return dtype in _NATIVE_DTYPES and weight_groups == 1 and native.library() is not None
 
 
-def _pixel_strides(t: Tensor) -> tuple[Tensor, int, int]:
-    """``t`` (N, C, H, W) as a tensor whose pixel ``p = h*W + w`` sits at ``p * ps``: (t, ps, cs)."""
+def _pixel_major(t: Tensor) -> Tensor:
+    """``t`` (N, C, H, W), copied if needed so that pixel ``p = h*W + w`` sits at ``p * stride(3)``."""
     if t.stride(2) != t.shape[3] * t.stride(3) and t.shape[2] > 1:
         t = t.contiguous()
-    return t, t.stride(3), t.stride(1)
+    return t
+
+
+def _pixel_strides(t: Tensor, name: str) -> tuple[int, int]:
+    """(pixel stride, channel stride) of a (C, H, W) operand of the C kernel, which must be pixel-major."""
+    if t.dim() != 3 or (t.stride(1) != t.shape[2] * t.stride(2) and t.shape[1] > 1):
+        raise ValueError(f"dcn_im2col: {name} must be a (C, H, W) tensor with pixels at a constant stride")
+    return t.stride(2), t.stride(0)
+
+
+def _dtype_code(t: Tensor, name: str) -> int:
+    if t.dtype not in _NATIVE_DTYPES:
+        raise TypeError(f"dcn_im2col: {name} must be float32 or bfloat16, got {t.dtype}")
+    return _NATIVE_DTYPES[t.dtype]
+
+
+@custom_op("vsrkit::dcn_im2col", mutates_args=("out",))
+def dcn_im2col_op(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    flow_a: Tensor | None,
+    flow_b: Tensor | None,
+    geometry: list[int],
+    offset_scale: float,
+    from_logits: bool,
+    row0: int,
+    row1: int,
+    out: Tensor,
+) -> None:
+    """``torch.ops.vsrkit.dcn_im2col``: im2col rows ``[row0, row1)`` of one image into ``out``.
+
+    ``input`` is one image, (C, H, W) channels-last; ``offset``, ``mask`` and the flows are
+    (channels, Ho, Wo) pixel-major; ``geometry`` is (offset groups, kh, kw, sh, sw, ph, pw, dh,
+    dw). With ``from_logits``, ``offset`` and ``mask`` are logits (``offset_scale * tanh`` if
+    ``offset_scale``, plus the flows; ``sigmoid``), as in :func:`deform_conv2d_from_logits`.
+    ``out`` is the ((row1 - row0) * Wo, kh*kw*C) matrix, columns ordered (group, kernel
+    position, channel), float32 or bfloat16.
+    """
+    lib = native.library()
+    if lib is None:
+        raise RuntimeError(native.unavailable_reason or "the native kernels are turned off (VSRKIT_NATIVE=0)")
+    c, h, w = input.shape
+    # Strides of sides of size 1 do not matter (and are not normalised by PyTorch).
+    if any(size > 1 and input.stride(d) != step for d, size, step in ((0, c, 1), (1, h, w * c), (2, w, c))):
+        raise ValueError("dcn_im2col: input must be one channels-last (C, H, W) image")
+    groups, kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    wo = offset.shape[-1]
+    if not out.is_contiguous() or tuple(out.shape) != ((row1 - row0) * wo, kh * kw * c):
+        raise ValueError(f"dcn_im2col: out must be a contiguous ({(row1 - row0) * wo}, {kh * kw * c}) matrix")
+    off_ps, off_cs = _pixel_strides(offset, "offset")
+    args = native.DcnArgs(
+        input=input.data_ptr(), input_dtype=_dtype_code(input, "input"), H=h, W=w, C=c,
+        offset=offset.data_ptr(), offset_dtype=_dtype_code(offset, "offset"), off_ps=off_ps, off_cs=off_cs,
+        tanh_scale=offset_scale if from_logits else 0.0, mask_sigmoid=int(from_logits),
+        G=groups, kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, dh=dh, dw=dw, Wo=wo, row0=row0, row1=row1,
+        out=out.data_ptr(), out_dtype=_dtype_code(out, "out"),
+    )  # fmt: skip
+    if mask is not None:
+        args.mask, args.mask_dtype = mask.data_ptr(), _dtype_code(mask, "mask")
+        args.mask_ps, args.mask_cs = _pixel_strides(mask, "mask")
+    if flow_a is not None:
+        for flow in (flow_a, flow_b):
+            if flow is not None and flow.dtype != torch.float32:
+                raise TypeError(f"dcn_im2col: flows must be float32, got {flow.dtype}")
+        args.flow_a = flow_a.data_ptr()
+        args.flow_b = None if flow_b is None else flow_b.data_ptr()
+        args.flow_ps, args.flow_cs = _pixel_strides(flow_a, "flow_a")
+    if lib.vsrkit_dcn_im2col(ctypes.byref(args)) != 0:
+        raise MemoryError("deform_conv2d: the native sampler could not allocate its row buffers")
+
+
+@dcn_im2col_op.register_fake
+def _(input, offset, mask, flow_a, flow_b, geometry, offset_scale, from_logits, row0, row1, out):
+    return None
 
 
 def _native_operand(t: Tensor) -> Tensor:
@@ -491,8 +567,6 @@ def _forward_native(
 
     Returns a channels_last ``(N, Cout, Ho, Wo)`` tensor of ``dtype``.
     """
-    lib = native.library()
-    assert lib is not None
     n, cin, h, w = input.shape
     cout, _, kh, kw = weight.shape
     ho, wo = out_hw
@@ -501,12 +575,9 @@ def _forward_native(
     with torch.no_grad(), torch.autocast("cpu", enabled=False):
         # The sampler reads channels-last pixels: a group's channels are one short vector.
         x = _native_operand(input).contiguous(memory_format=torch.channels_last)
-        off, off_ps, off_cs = _pixel_strides(_native_operand(offset))
-        if mask is not None:
-            msk, msk_ps, msk_cs = _pixel_strides(_native_operand(mask))
+        off = _pixel_major(_native_operand(offset))
+        msk = None if mask is None else _pixel_major(_native_operand(mask))
         flow_ts = [f.float().contiguous() for f in (() if logits is None else logits.flows)]
-        if flow_ts:
-            flow_ps, flow_cs = flow_ts[0].stride(3), flow_ts[0].stride(1)
         # The im2col columns are ordered (group, kernel position, channel): permute the weight.
         wmat = weight.to(dtype).reshape(cout, groups, cg, k).permute(0, 1, 3, 2).reshape(cout, k * cin).t()
         b = None if bias is None else bias.to(dtype)
@@ -514,35 +585,26 @@ def _forward_native(
         esize = torch.finfo(dtype).bits // 8
         rows = max(1, min(ho, _CHUNK_BYTES // max(1, wo * k * cin * esize)))
         cols = torch.empty((rows * wo, k * cin), dtype=dtype)
-        fn = lib.vsrkit_dcn_im2col
-        # Arguments of the C function that stay the same for every call (see dcn_im2col.c).
-        geometry = (groups, kh, kw, *stride, *padding, *dilation, wo)
-        transform = (0.0, 0) if logits is None else (float(logits.offset_scale or 0.0), 1)
+        geometry = [groups, kh, kw, *stride, *padding, *dilation]
+        offset_scale = 0.0 if logits is None else float(logits.offset_scale or 0.0)
         for i in range(n):
             out_rows = out[i].permute(1, 2, 0).reshape(ho * wo, cout)
-            operands = (
-                (x[i].data_ptr(), _NATIVE_DTYPES[x.dtype], h, w, cin)
-                + (off[i].data_ptr(), _NATIVE_DTYPES[off.dtype], off_ps, off_cs)
-                + (
-                    (None, 0, 0, 0)
-                    if mask is None
-                    else (msk[i].data_ptr(), _NATIVE_DTYPES[msk.dtype], msk_ps, msk_cs)
-                )
-                + transform
-                + (
-                    flow_ts[0][i].data_ptr() if flow_ts else None,
-                    flow_ts[1][i].data_ptr() if len(flow_ts) > 1 else None,
-                    flow_ps if flow_ts else 0,
-                    flow_cs if flow_ts else 0,
-                )
-                + geometry
-            )
             for r0 in range(0, ho, rows):
                 r1 = min(ho, r0 + rows)
                 chunk = cols[: (r1 - r0) * wo]
-                status = fn(*operands, r0, r1, chunk.data_ptr(), _NATIVE_DTYPES[dtype])
-                if status != 0:
-                    raise MemoryError("deform_conv2d: the native sampler could not allocate its row buffers")
+                dcn_im2col_op(
+                    x[i],
+                    off[i],
+                    None if mask is None else msk[i],
+                    flow_ts[0][i] if flow_ts else None,
+                    flow_ts[1][i] if len(flow_ts) > 1 else None,
+                    geometry,
+                    offset_scale,
+                    logits is not None,
+                    r0,
+                    r1,
+                    chunk,
+                )
                 dst_rows = out_rows[r0 * wo : r1 * wo]
                 if b is None:
                     torch.mm(chunk, wmat, out=dst_rows)
@@ -562,7 +624,7 @@ def _forward_native(
 # * "decomposed": grid_sample over the whole frame and one matrix product, for runtimes that
 #   lack DeformConv (OpenVINO 2026.4 refuses it).
 
-EXPORT_FORMS = ("DeformConv", "decomposed")
+EXPORT_FORMS = ("DeformConv", "decomposed")  # the keys of _EXPORT_FORM_BUILDERS
 _export_form: str | None = None
 
 
@@ -579,49 +641,49 @@ def exporting_as(form: str) -> Iterator[None]:
         _export_form = previous
 
 
-def _deform_conv2d_for_export(
-    input: Tensor,
-    offset: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
-    mask: Tensor | None,
-) -> Tensor:
-    if _export_form == "decomposed":
-        return _deform_conv2d_decomposed(input, offset, weight, bias, stride, padding, dilation, mask)
-    kh, kw = weight.shape[-2:]
+class DeformConvCall(NamedTuple):
+    """One :func:`deform_conv2d` call, its geometry as pairs: what every export form takes."""
+
+    input: Tensor
+    offset: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    mask: Tensor | None
+
+
+def _deform_conv2d_for_export(call: DeformConvCall) -> Tensor:
+    """The traceable form of ``call`` chosen by :func:`exporting_as`."""
+    return _EXPORT_FORM_BUILDERS[_export_form](call)
+
+
+def _as_deform_conv_op(call: DeformConvCall) -> Tensor:
+    """The opaque ``vsrkit::deform_conv2d``, with ONNX DeformConv's inputs and attributes."""
+    kh, kw = call.weight.shape[-2:]
     return export_op()(
-        input,
-        weight,
-        offset,
-        bias,
-        mask,
-        list(stride),
-        list(padding),
-        list(dilation),
-        input.shape[1] // weight.shape[1],
-        offset.shape[1] // (2 * kh * kw),
+        call.input,
+        call.weight,
+        call.offset,
+        call.bias,
+        call.mask,
+        list(call.stride),
+        list(call.padding),
+        list(call.dilation),
+        call.input.shape[1] // call.weight.shape[1],
+        call.offset.shape[1] // (2 * kh * kw),
     )
 
 
-def _deform_conv2d_decomposed(
-    input: Tensor,
-    offset: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
-    mask: Tensor | None,
-) -> Tensor:
+def _deform_conv2d_decomposed(call: DeformConvCall) -> Tensor:
     """The whole im2col matrix from one grid_sample, then one matrix product: sizes stay symbolic.
 
     Coordinates are normalised for ``align_corners=False``, where pixel ``p`` of a side ``S`` is
     ``(2p + 1) / S - 1``: that is defined for every size, 1 included, and grid_sample's
     zero padding then reads exactly torchvision's bilinear-with-zeros rule.
     """
+    input, offset, weight, bias, stride, padding, dilation, mask = call
     n, cin, h, w = input.shape
     cout, cin_per_wgroup, kh, kw = weight.shape
     k = kh * kw
@@ -654,6 +716,7 @@ def _deform_conv2d_decomposed(
     return out
 
 
+_EXPORT_FORM_BUILDERS = {"DeformConv": _as_deform_conv_op, "decomposed": _deform_conv2d_decomposed}
 _DEFORM_CONV_OP = None
 
 

@@ -11,6 +11,14 @@ The C files are compiled with the system's C compiler (``$CC``, else ``cc``) int
 keyed by the source, the compiler and the CPU, and loaded with :mod:`ctypes`. It needs no
 PyTorch headers, so the build takes about a second.
 
+Each kernel takes one struct (:class:`DcnArgs`, :class:`NnpArgs`). The C source declares its
+fields once and reports their names, offsets and sizes; :func:`check_layout` compares that
+report with the ctypes declaration when the library is loaded, and a mismatch refuses the
+library (a RuntimeWarning and :data:`unavailable_reason`; the callers fall back to PyTorch).
+The callers wrap the kernels as PyTorch custom ops (``torch.ops.vsrkit.dcn_im2col``,
+``torch.ops.vsrkit.nnpack_conv2d``) with fake kernels, so that ``torch.export`` and
+``torch.compile`` trace through them.
+
 If there is no compiler, the build fails, or ``VSRKIT_NATIVE=0`` is set, :func:`library`
 returns None and :mod:`vsrkit.ops.deform_conv` uses its pure-PyTorch path (same results to
 float32 rounding). The reason is kept in :data:`unavailable_reason`.
@@ -24,12 +32,13 @@ import os
 import platform
 import subprocess
 import threading
+import warnings
 from pathlib import Path
 
 from ..cache import cache_dir
 from ..fsutil import atomic_write
 
-__all__ = ["library", "unavailable_reason"]
+__all__ = ["DcnArgs", "LayoutMismatch", "NnpArgs", "check_layout", "library", "unavailable_reason"]
 
 SOURCES = [Path(__file__).with_name(name) for name in ("dcn_im2col.c", "nnpack_conv.c")]
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-std=c99"]
@@ -42,28 +51,83 @@ _library: ctypes.CDLL | None = None
 _tried = False
 unavailable_reason: str | None = None
 
-_i64 = ctypes.c_int64
-_ptr = ctypes.c_void_p
-_ARGTYPES = [
-    _ptr, ctypes.c_int, _i64, _i64, _i64,  # input, dtype, H, W, C
-    _ptr, ctypes.c_int, _i64, _i64,  # offset, dtype, pixel stride, channel stride
-    _ptr, ctypes.c_int, _i64, _i64,  # mask, dtype, pixel stride, channel stride
-    ctypes.c_float, ctypes.c_int,  # tanh_scale, mask_sigmoid
-    _ptr, _ptr, _i64, _i64,  # flow_a, flow_b, pixel stride, channel stride
-    _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64,  # G, kh, kw, sh, sw, ph, pw, dh, dw
-    _i64, _i64, _i64,  # Wo, row0, row1
-    _ptr, ctypes.c_int,  # out, dtype
-]  # fmt: skip
+
+class DcnArgs(ctypes.Structure):
+    """The arguments of ``vsrkit_dcn_im2col`` (``DCN_ARGS_FIELDS`` in dcn_im2col.c), checked at load."""
+
+    _fields_ = [
+        ("input", ctypes.c_void_p), ("input_dtype", ctypes.c_int32),
+        ("H", ctypes.c_int64), ("W", ctypes.c_int64), ("C", ctypes.c_int64),
+        ("offset", ctypes.c_void_p), ("offset_dtype", ctypes.c_int32),
+        ("off_ps", ctypes.c_int64), ("off_cs", ctypes.c_int64),
+        ("mask", ctypes.c_void_p), ("mask_dtype", ctypes.c_int32),
+        ("mask_ps", ctypes.c_int64), ("mask_cs", ctypes.c_int64),
+        ("tanh_scale", ctypes.c_float), ("mask_sigmoid", ctypes.c_int32),
+        ("flow_a", ctypes.c_void_p), ("flow_b", ctypes.c_void_p),
+        ("flow_ps", ctypes.c_int64), ("flow_cs", ctypes.c_int64),
+        *((name, ctypes.c_int64) for name in ("G", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw")),
+        ("Wo", ctypes.c_int64), ("row0", ctypes.c_int64), ("row1", ctypes.c_int64),
+        ("out", ctypes.c_void_p), ("out_dtype", ctypes.c_int32),
+    ]  # fmt: skip
 
 
-_long = ctypes.c_long
-_NNP_ARGTYPES = [
-    _ptr, ctypes.c_int,  # nnp_convolution_inference, algorithm
-    _ptr, _long, _long, _long, _long,  # input, N, Cin, H, W
-    _ptr, _ptr, _long, _long,  # weight, bias, Cout, kernel size
-    _ptr, _ptr, ctypes.c_int, ctypes.c_float,  # output, residual, activation, slope
-    ctypes.c_int, _ptr, _long,  # x2 pixel shuffle, scratch, its size in bytes
-]  # fmt: skip
+class NnpArgs(ctypes.Structure):
+    """The arguments of ``vsrkit_nnp_conv2d`` (``NNP_ARGS_FIELDS`` in nnpack_conv.c), checked at load."""
+
+    _fields_ = [
+        ("fn_ptr", ctypes.c_void_p), ("algo", ctypes.c_int32),
+        ("in", ctypes.c_void_p), ("n", ctypes.c_int64), ("cin", ctypes.c_int64),
+        ("h", ctypes.c_int64), ("w", ctypes.c_int64),
+        ("weight", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+        ("cout", ctypes.c_int64), ("k", ctypes.c_int64),
+        ("out", ctypes.c_void_p), ("residual", ctypes.c_void_p),
+        ("act", ctypes.c_int32), ("slope", ctypes.c_float), ("shuffle", ctypes.c_int32),
+        ("scratch", ctypes.c_void_p), ("scratch_bytes", ctypes.c_int64),
+    ]  # fmt: skip
+
+
+# Each kernel, the struct it takes, its return type and the prefix of its layout report.
+KERNELS = {
+    "vsrkit_dcn_im2col": ("DcnArgs", ctypes.c_int, "vsrkit_dcn_args"),
+    "vsrkit_nnp_conv2d": ("NnpArgs", ctypes.c_int64, "vsrkit_nnp_args"),
+}
+
+
+class LayoutMismatch(RuntimeError):
+    """A kernel's argument struct differs between the C source and its ctypes declaration."""
+
+
+def check_layout(lib: ctypes.CDLL, prefix: str, struct: type[ctypes.Structure]) -> None:
+    """Compare the C side's report of a struct (field names, offsets, sizes) with ``struct``.
+
+    Raises :class:`LayoutMismatch` naming the first difference: a kernel called through a
+    struct that disagrees with its C definition would read garbage, not fail.
+    """
+    names_fn = getattr(lib, f"{prefix}_fields")
+    names_fn.restype = ctypes.c_char_p
+    names = names_fn().decode().rstrip(",").split(",")
+    layout_fn = getattr(lib, f"{prefix}_layout")
+    layout_fn.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int64]
+    layout_fn.restype = ctypes.c_int64
+    count = layout_fn(None, 0)
+    values = (ctypes.c_int64 * count)()
+    layout_fn(values, count)
+    c_side = [(name, values[1 + 2 * i], values[2 + 2 * i]) for i, name in enumerate(names)]
+    py_side = [
+        (name, getattr(struct, name).offset, getattr(struct, name).size) for name, *_ in struct._fields_
+    ]
+    where = f"{struct.__name__} against {prefix} in the C source"
+    for i, (c_field, py_field) in enumerate(zip(c_side, py_side, strict=False)):
+        if c_field != py_field:
+            raise LayoutMismatch(
+                f"{where}: field {i} is {c_field[0]!r} at offset {c_field[1]}, {c_field[2]} bytes in C, "
+                f"{py_field[0]!r} at offset {py_field[1]}, {py_field[2]} bytes in Python"
+            )
+    if len(c_side) != len(py_side) or values[0] != ctypes.sizeof(struct):
+        raise LayoutMismatch(
+            f"{where}: {len(c_side)} fields, {values[0]} bytes in C; "
+            f"{len(py_side)} fields, {ctypes.sizeof(struct)} bytes in Python"
+        )
 
 
 def _cpu_signature() -> str:
@@ -113,12 +177,13 @@ def _load() -> ctypes.CDLL:
     if not target.exists():
         _build(compiler, target)
     lib = ctypes.CDLL(str(target))
-    fn = lib.vsrkit_dcn_im2col
-    fn.argtypes = _ARGTYPES
-    fn.restype = ctypes.c_int
-    conv = lib.vsrkit_nnp_conv2d
-    conv.argtypes = _NNP_ARGTYPES
-    conv.restype = ctypes.c_long
+    for name, (struct_name, restype, prefix) in KERNELS.items():
+        # Looked up at load, so that a test can put a mismatched declaration in its place.
+        struct = globals()[struct_name]
+        check_layout(lib, prefix, struct)
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.POINTER(struct)]
+        fn.restype = restype
     return lib
 
 
@@ -133,6 +198,11 @@ def library() -> ctypes.CDLL | None:
         if not _tried:
             try:
                 _library = _load()
+            except LayoutMismatch as e:
+                # A programming error, not a missing compiler: said out loud, then the fallback.
+                unavailable_reason = f"native kernels refused: {e}"
+                warnings.warn(unavailable_reason, RuntimeWarning, stacklevel=2)
+                _library = None
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 unavailable_reason = str(e)
                 _library = None

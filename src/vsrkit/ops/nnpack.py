@@ -16,7 +16,9 @@ thread pool that spin-waits against PyTorch's OpenMP threads; here the C wrapper
 (split by image, or one image by bands of rows) and fuses the epilogue (bias, ReLU or
 LeakyReLU, or a residual sum). Inputs and outputs are fp32 NCHW.
 
-Used by :func:`vsrkit.accel.prepare_for_inference` for fp32 CPU models when
+The kernel is the custom op ``torch.ops.vsrkit.nnpack_conv2d`` (with a fake kernel, so
+``torch.export`` and ``torch.compile`` see it). Used by :class:`vsrkit.ops.fast_conv.FastConv2d`,
+which :func:`vsrkit.accel.prepare_for_inference` puts in place of fp32 CPU models' convs when
 :func:`available` says so; ``VSRKIT_NNPACK=0`` turns it off (then oneDNN's direct
 convolutions run, bit-identical to the plain model).
 """
@@ -33,8 +35,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import native
+from .custom_ops import custom_op
 
-__all__ = ["NNPACKConv2d", "available", "conv2d", "supports", "unavailable_reason", "worth_it"]
+__all__ = ["available", "conv2d", "nnpack_conv2d_op", "supports", "unavailable_reason", "worth_it"]
 
 # What the self-test accepts: the largest error relative to the output's scale. Winograd
 # F(6x6, 3x3) in fp32 measures 1e-6 to 1e-5 here; a broken kernel is off by O(1).
@@ -191,33 +194,63 @@ def _conv2d(
     residual: Tensor | None = None,
     pixel_shuffle: bool = False,
 ) -> Tensor:
+    return nnpack_conv2d_op(x, weight, bias, _ACTIVATIONS[act], float(slope), residual, pixel_shuffle)
+
+
+@custom_op("vsrkit::nnpack_conv2d", mutates_args=())
+def nnpack_conv2d_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    activation: int,
+    slope: float,
+    residual: Tensor | None,
+    pixel_shuffle: bool,
+) -> Tensor:
+    """``torch.ops.vsrkit.nnpack_conv2d``: the C kernel (``activation`` codes: :data:`_ACTIVATIONS`)."""
     lib = native.library()
-    assert lib is not None and _function is not None
+    if lib is None or _function is None:
+        raise RuntimeError(unavailable_reason or "NNPACK convolutions are unavailable")
     n, cin, h, w = x.shape
     cout, _, k, _ = weight.shape
     x = x.float().contiguous()
     weight = weight.float().contiguous()
     bias = torch.zeros(cout) if bias is None else bias.float().contiguous()
-    out = torch.empty((n, cout // 4, 2 * h, 2 * w) if pixel_shuffle else (n, cout, h, w))
+    out = torch.empty(_output_shape(x, weight, pixel_shuffle))
     if residual is not None:
         residual = residual.float().contiguous()
         if residual.shape != out.shape:
             raise ValueError(f"residual {tuple(residual.shape)} does not match the output {tuple(out.shape)}")
-    fn = lib.vsrkit_nnp_conv2d
-    args = (
-        (_function, _algorithm(k), x.data_ptr(), n, cin, h, w, weight.data_ptr())
-        + (bias.data_ptr(), cout, k, out.data_ptr())
-        + (None if residual is None else residual.data_ptr(), _ACTIVATIONS[act], float(slope))
-        + (int(pixel_shuffle),)
+    args = native.NnpArgs(
+        fn_ptr=_function, algo=_algorithm(k), n=n, cin=cin, h=h, w=w, cout=cout, k=k,
+        act=activation, slope=slope, shuffle=int(pixel_shuffle),
     )  # fmt: skip
+    # Pointers are set as attributes: "in" is a Python keyword.
+    setattr(args, "in", x.data_ptr())
+    args.weight, args.bias, args.out = weight.data_ptr(), bias.data_ptr(), out.data_ptr()
+    args.residual = None if residual is None else residual.data_ptr()
     buf = getattr(_scratch, "buffer", None)
-    status = fn(*args, None if buf is None else buf.data_ptr(), 0 if buf is None else buf.numel())
+    if buf is not None:
+        args.scratch, args.scratch_bytes = buf.data_ptr(), buf.numel()
+    status = lib.vsrkit_nnp_conv2d(ctypes.byref(args))
     if status > 0:
         buf = _buffer(status)
-        status = fn(*args, buf.data_ptr(), buf.numel())
+        args.scratch, args.scratch_bytes = buf.data_ptr(), buf.numel()
+        status = lib.vsrkit_nnp_conv2d(ctypes.byref(args))
     if status != 0:
         raise RuntimeError(f"NNPACK convolution failed (status {-status})")
     return out
+
+
+def _output_shape(x: Tensor, weight: Tensor, pixel_shuffle: bool) -> tuple[int, ...]:
+    n, _, h, w = x.shape
+    cout = weight.shape[0]
+    return (n, cout // 4, 2 * h, 2 * w) if pixel_shuffle else (n, cout, h, w)
+
+
+@nnpack_conv2d_op.register_fake
+def _(x, weight, bias, activation, slope, residual, pixel_shuffle):
+    return x.new_empty(_output_shape(x, weight, pixel_shuffle), dtype=torch.float32)
 
 
 def conv2d(
@@ -249,17 +282,3 @@ def conv2d(
         raise ValueError("pixel_shuffle needs a multiple of 4 output channels and no residual")
     with torch.no_grad():
         return _conv2d(x, weight, bias, act, slope, residual, pixel_shuffle)
-
-
-class NNPACKConv2d(nn.Conv2d):
-    """An ``nn.Conv2d`` that runs through NNPACK without autograd (same parameters and keys).
-
-    :func:`vsrkit.accel.prepare_for_inference` turns supported convs of an fp32 CPU model
-    into this class; with autograd, off the CPU, or for images under :data:`MIN_PIXELS`, it is
-    a plain ``nn.Conv2d``.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not worth_it(x):
-            return super().forward(x)
-        return _conv2d(x, self.weight, self.bias)

@@ -161,14 +161,51 @@ static void store_rows(float *out, const float *src, const float *residual, long
     }
 }
 
+/* The arguments of one call, passed as one struct; written once, as in dcn_im2col.c: the struct
+ * and its layout report are generated from this list, which vsrkit/ops/native.py checks. */
+#define NNP_ARGS_FIELDS(X)                                                                         \
+    X(void *, fn_ptr) /* nnp_convolution_inference */                                              \
+    X(int32_t, algo)                                                                               \
+    X(const float *, in) X(int64_t, n) X(int64_t, cin) X(int64_t, h) X(int64_t, w)                 \
+    X(const float *, weight) X(const float *, bias) X(int64_t, cout) X(int64_t, k)                 \
+    X(float *, out) X(const float *, residual) X(int32_t, act) X(float, slope)                     \
+    X(int32_t, shuffle) X(void *, scratch) X(int64_t, scratch_bytes)
+
+#define VSRKIT_STRUCT_FIELD(type, name) type name;
+typedef struct {
+    NNP_ARGS_FIELDS(VSRKIT_STRUCT_FIELD)
+} NnpArgs;
+
+#define VSRKIT_FIELD_NAME(type, name) #name ","
+const char *vsrkit_nnp_args_fields(void) { return NNP_ARGS_FIELDS(VSRKIT_FIELD_NAME); }
+
+#define VSRKIT_FIELD_LAYOUT(type, name)                                                            \
+    if (n + 2 <= capacity) {                                                                       \
+        layout[n] = (int64_t)offsetof(NnpArgs, name);                                              \
+        layout[n + 1] = (int64_t)sizeof(((NnpArgs *)0)->name);                                     \
+    }                                                                                              \
+    n += 2;
+int64_t vsrkit_nnp_args_layout(int64_t *layout, int64_t capacity) {
+    int64_t n = 1;
+    if (capacity >= 1) layout[0] = (int64_t)sizeof(NnpArgs);
+    NNP_ARGS_FIELDS(VSRKIT_FIELD_LAYOUT)
+    return n;
+}
+
 /* Returns 0 on success, a positive byte count when `scratch` is smaller than that (nothing is
  * computed: call again with at least that much), or -status for an NNPACK error. With
  * `shuffle` (Cout a multiple of 4, no residual), `out` is the x2 pixel shuffle of the result,
  * (N, Cout/4, 2H, 2W). */
-long vsrkit_nnp_conv2d(void *fn_ptr, int algo, const float *in, long n, long cin, long h, long w,
-                       const float *weight, const float *bias, long cout, long k, float *out,
-                       const float *residual, int act, float slope, int shuffle, void *scratch,
-                       long scratch_bytes) {
+int64_t vsrkit_nnp_conv2d(const NnpArgs *args) {
+    void *fn_ptr = args->fn_ptr;
+    const int algo = args->algo, act = args->act, shuffle = args->shuffle;
+    const float *in = args->in, *weight = args->weight, *bias = args->bias, *residual = args->residual;
+    const long n = (long)args->n, cin = (long)args->cin, h = (long)args->h, w = (long)args->w;
+    const long cout = (long)args->cout, k = (long)args->k;
+    float *out = args->out;
+    const float slope = args->slope;
+    void *scratch = args->scratch;
+    const int64_t scratch_bytes = args->scratch_bytes;
     nnp_conv_fn fn = (nnp_conv_fn)fn_ptr;
     int status = 0;
     /* The kernel is transformed at each call: caching its transforms (7x the weights' size for
@@ -178,7 +215,7 @@ long vsrkit_nnp_conv2d(void *fn_ptr, int algo, const float *in, long n, long cin
     if (status != 0) return -(long)status;
     long nt = num_threads();
     size_t need = p.slice * (size_t)nt + 64;
-    if (scratch == NULL || (size_t)scratch_bytes < need) return (long)need;
+    if (scratch == NULL || (size_t)scratch_bytes < need) return (int64_t)need;
     char *base = (char *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     long halo = k / 2;
     size_t plane = (size_t)h * w, in_image = (size_t)cin * plane, out_image = (size_t)cout * plane;
@@ -233,6 +270,6 @@ long vsrkit_nnp_conv2d(void *fn_ptr, int algo, const float *in, long n, long cin
             }
         }
     }
-    return status ? -(long)status : 0;
+    return status ? -(int64_t)status : 0;
 }
 
