@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -222,6 +223,23 @@ def _is_loopback(address: str) -> bool:
     return host in ("localhost", "127.0.0.1", "::1")
 
 
+# Ray's session folder holds Unix sockets, whose paths may not exceed 107 bytes; the session's
+# own part (``ray/session_DATE_TIME_PID/sockets/plasma_store``) takes about 70 of them.
+_RAY_SOCKET_ROOM = 107 - 72
+
+
+def _short_session_folder() -> dict[str, str]:
+    """``_temp_dir`` for a local Ray where ``$TMPDIR`` is too long for its sockets, else nothing.
+
+    The fallback is Ray's own default without ``$TMPDIR``, ``/tmp/ray``: sessions there are
+    named by date and process id, so runs never share one.
+    """
+    default = os.path.join(tempfile.gettempdir(), "ray")
+    if len(default.encode()) <= _RAY_SOCKET_ROOM:
+        return {}
+    return {"_temp_dir": "/tmp/ray"}
+
+
 def _start_ray(address: str | None):
     """Join ``address``, or start a local Ray; returns (ray module, whether we started it)."""
     if address is None or _is_loopback(address):
@@ -245,11 +263,12 @@ def _start_ray(address: str | None):
                 num_cpus=cpus,
                 num_gpus=torch.cuda.device_count(),
                 _node_ip_address="127.0.0.1",
+                **_short_session_folder(),
                 **common,
             )
         else:
             ray.init(address=address, **common)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
         raise VsrkitError(f"cannot start or join Ray at {address or 'local'}: {_one_line(exc)}") from exc
     return ray, True
 
