@@ -46,12 +46,12 @@ def test_shared_pyramids_give_the_stacked_windows_features(
         features = model.keyframe_features(num_frames, order)
         shared = {i: features(i, lambda j: lqs[:, j]) for i in order}
         shared_count = sum(counts) // lqs.shape[0]
-        stacked = {i: model.keyframe_feature(lqs[:, model.window(i, num_frames)]) for i in order}
+        stacked = {i: model.keyframe_feature(lqs[:, model.keyframe_window(i, num_frames)]) for i in order}
     for i in keys:
         torch.testing.assert_close(shared[i], stacked[i], rtol=1e-5, atol=1e-5)
     # The stacked windows compute 2p+1 pyramids each; shared, no frame's pyramid twice, and the
     # windows that overlap (the ends, and every pair of neighbours with p = 3) compute fewer.
-    window_frames = {j for i in keys for j in model.window(i, num_frames)}
+    window_frames = {j for i in keys for j in model.keyframe_window(i, num_frames)}
     assert shared_count == len(window_frames)
     assert shared_count < len(keys) * (2 * temporal_padding + 1)
 

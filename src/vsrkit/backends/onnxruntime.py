@@ -17,7 +17,9 @@ symbolic (the engine batches flow pairs and tiles, and frames come in any size):
   ``window_frames`` frames fixed in the graph (the model's Python loops over the frames), so one
   graph per window length met: usually one, two when a clip is shorter than a window.
 
-Models with keyframe features (IconVSR with its information refill) are refused for now.
+- ``keyframe_feature`` for models with keyframes (IconVSR's EDVR-M refill): one graph from a
+  keyframe's stacked window of frames. Neighbouring windows share frames, which the PyTorch model
+  computes once; here each window is computed whole (same result to a conv's rounding).
 
 The graphs are cached in ``vsrkit.cache.cache_dir()/onnx/ARCH-KEY/``, where KEY hashes the
 architecture, its configuration, the weights' values, the opset, and the vsrkit and torch
@@ -66,6 +68,7 @@ STEP_INPUTS = {
     "forward_step": ("lq", "neighbour", "flow", "keyframe", "feat", "backward_feat"),
     "reconstruct": ("lq", "forward_feat", "backward_feat"),
     "refine": ("lq",),
+    "keyframe_feature": ("window_frames",),
 }
 
 
@@ -121,6 +124,8 @@ def _call(model: VSRModel, method: str, inputs: dict[str, torch.Tensor]) -> torc
         return model.reconstruct(inputs["lq"], inputs["forward_feat"], inputs.get("backward_feat"))
     if method == "refine":
         return model.refine(inputs["lq"])
+    if method == "keyframe_feature":
+        return model.keyframe_feature(inputs["window_frames"])
     raise ValueError(f"unknown step {method!r}")
 
 
@@ -151,8 +156,6 @@ class OnnxRuntimeModel(VSRModel):
         if not isinstance(model, VSRModel):
             raise VsrkitError(f"--backend onnxruntime runs vsrkit models, not {type(model).__name__}")
         title = _title(model)
-        if model.keyframes(max(model.min_frames, 1000)):
-            raise VsrkitError(f"--backend onnxruntime does not run {title}'s keyframe features yet")
         # A float32 CPU copy to trace: the caller's model keeps its device, dtype and mode.
         self.source = copy.deepcopy(model).cpu().float().eval()
         self.title = title
@@ -198,8 +201,21 @@ class OnnxRuntimeModel(VSRModel):
     def refine_done(self, mean_abs_residue: float) -> bool:
         return self.source.refine_done(mean_abs_residue)
 
+    def keyframes(self, num_frames: int) -> list[int]:
+        return self.source.keyframes(num_frames)
+
+    def keyframe_window(self, key: int, num_frames: int) -> list[int]:
+        return self.source.keyframe_window(key, num_frames)
+
+    def keyframe_feature(self, window_frames: torch.Tensor) -> torch.Tensor:
+        return self._step("keyframe_feature", {"window_frames": window_frames})
+
     def keyframe_features(self, num_frames: int, order: Sequence[int] | None = None) -> KeyframeFeatureFn:
-        raise VsrkitError(f"--backend onnxruntime does not run {self.title}'s keyframe features yet")
+        def feature(key: int, frame: Callable[[int], torch.Tensor]) -> torch.Tensor:
+            window = self.keyframe_window(key, num_frames)
+            return self.keyframe_feature(torch.stack([frame(j) for j in window], dim=1))
+
+        return feature
 
     # -- steps ----------------------------------------------------------------------------------
     def flow(self, ref: torch.Tensor, supp: torch.Tensor) -> torch.Tensor:
@@ -272,6 +288,12 @@ class OnnxRuntimeModel(VSRModel):
             self._channels["backward_step"] = backward.shape[1]
         examples = {"lq": lq, "neighbour": neighbour, "flow": flow, "ref": lq, "supp": neighbour}
         examples.update(forward_feat=forward, feat=forward)
+        if self.source.keyframes(max(self.min_frames, 2)):
+            window = self.source.keyframe_window(0, max(self.min_frames, 2))
+            frames = torch.rand(_TRACE_BATCH, len(window), 3, h, w, generator=gen)
+            examples["window_frames"] = frames
+            with torch.no_grad():
+                examples["keyframe"] = self.source.keyframe_feature(frames)
         if backward is not None:
             examples["backward_feat"] = backward
         self._example_inputs = examples
@@ -297,8 +319,6 @@ class OnnxRuntimeModel(VSRModel):
         examples = self._examples()
         if method == "backward_step":
             examples["feat"] = examples["backward_feat"]
-        if "keyframe" in names:
-            raise VsrkitError(f"--backend onnxruntime does not run {self.title}'s keyframe features yet")
         multiple = max(1, self.pad_multiple)
         batch = torch.export.Dim("batch", min=1, max=1 << 12)
         if multiple > 1:
@@ -308,10 +328,12 @@ class OnnxRuntimeModel(VSRModel):
             height = torch.export.Dim("height", min=_MIN_SIDE, max=_MAX_SIDE)
             width = torch.export.Dim("width", min=_MIN_SIDE, max=_MAX_SIDE)
         dims = {0: batch, 2: height, 3: width}
+        # The window's frame count is fixed by the model: only its frames' size is free.
+        window_dims = {0: batch, 3: height, 4: width}
         return trace_to_onnx(
             _Step(self.source, method, names),
             tuple(examples[k] for k in names),
-            (tuple(dims for _ in names),),
+            (tuple(window_dims if k == "window_frames" else dims for k in names),),
             input_names=list(names),
             output_names=["out"],
             opset=self.opset,

@@ -170,6 +170,15 @@ class VSRModel(nn.Module):
         """A function giving keyframe features, to be called for the keys in ``order``."""
         raise NotImplementedError
 
+    def keyframe_window(self, key: int, num_frames: int) -> list[int]:
+        """The frames (indices into the clip) whose stack :meth:`keyframe_feature` takes for ``key``."""
+        raise NotImplementedError
+
+    def keyframe_feature(self, window_frames: torch.Tensor) -> torch.Tensor:
+        """The feature of one keyframe from its window, (N, len(window), 3, H, W): what
+        :meth:`keyframe_features` gives, without sharing work between neighbouring windows."""
+        raise NotImplementedError
+
     def refine(self, lq: torch.Tensor) -> torch.Tensor:
         """The residue one refining pass adds to frames ``lq`` (N, 3, H, W)."""
         raise NotImplementedError

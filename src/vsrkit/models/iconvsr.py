@@ -134,7 +134,7 @@ class IconVSR(VSRModel):
     def keyframes(self, num_frames: int) -> list[int]:
         return keyframe_indices(num_frames, self.keyframe_stride) if self.refill else []
 
-    def window(self, index: int, num_frames: int) -> list[int]:
+    def keyframe_window(self, index: int, num_frames: int) -> list[int]:
         """Frame indices of the EDVR-M input for keyframe ``index`` (centre in the middle)."""
         before, after = _TEMPORAL_PAD[self.temporal_padding]
         p = self.temporal_padding
@@ -225,12 +225,14 @@ class KeyframeFeatures:
         self.model = model
         self.num_frames = num_frames
         self._position = {key: pos for pos, key in enumerate(order)}
-        self._last_use = {j: pos for pos, key in enumerate(order) for j in model.window(key, num_frames)}
+        self._last_use = {
+            j: pos for pos, key in enumerate(order) for j in model.keyframe_window(key, num_frames)
+        }
         self._pyramids: dict[int, list[torch.Tensor]] = {}
 
     def __call__(self, key: int, frame: Callable[[int], torch.Tensor]) -> torch.Tensor:
         """The feature of keyframe ``key``; ``frame(j)`` gives frame ``j`` as (N, 3, H, W)."""
-        window = self.model.window(key, self.num_frames)
+        window = self.model.keyframe_window(key, self.num_frames)
         missing = [j for j in dict.fromkeys(window) if j not in self._pyramids]
         if missing:
             frames = [frame(j) for j in missing]
