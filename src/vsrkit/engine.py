@@ -697,7 +697,9 @@ class Upscaler:
             self._frame_dtype = spool.dtype
             if len(spool) < self.model.min_frames:
                 need = self.model.min_frames
-                raise VsrkitError(f"{self._title()} needs at least {need} frames; the input has {len(spool)}")
+                raise VsrkitError(
+                    f"{self.model.title} needs at least {need} frames; the input has {len(spool)}"
+                )
             run_plan = self.plan(*spool.shape[:2], len(spool))
             with torch.inference_mode():
                 if self.model.refine_passes > 0 and self.model.streams_exactly:
@@ -718,10 +720,6 @@ class Upscaler:
                 spool.close()
             spill.close()
             nnpack.release_scratch()  # the NNPACK calls' scratch memory, kept between calls
-
-    def _title(self) -> str:
-        family = getattr(type(self.model), "family", None)
-        return family.title if family is not None else type(self.model).__name__
 
     def _refine(self, spool: _FrameSpool, spill: _SpillDir) -> _RefinedFrames:
         """The model's refine passes over the whole clip, each into a new fp32 frame file.

@@ -311,9 +311,8 @@ def check_config(cfg: dict[str, Any], source: str = "config") -> None:
     need = shell.min_frames
     frames = int(data["num_frames"]) * (2 if data["mirror"] else 1)
     if frames < need:
-        title = type(shell).family.title
         raise VsrkitError(
-            f"{source}: {title} with this config needs clips of >= {need} frames, data gives {frames}"
+            f"{source}: {shell.title} with this config needs clips of >= {need} frames, data gives {frames}"
         )
 
 

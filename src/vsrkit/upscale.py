@@ -67,11 +67,16 @@ def load_upscaling_model(
         return model
     family = model_family(model, weights)
     config = check_model_options(family.name, config)
-    if weights is None:
-        if family.default_weights is None:
-            raise VsrkitError(f"{family.title} has no default weights; pass --weights")
-        weights = family.default_weights
-    return create_model(family.name, checkpoint=weights, **config)
+    return create_model(family.name, checkpoint=weights_or_default(family, weights), **config)
+
+
+def weights_or_default(family: Family, weights: str | os.PathLike | None) -> str | os.PathLike:
+    """``weights``, else ``family``'s default weights (one line if it has none)."""
+    if weights is not None:
+        return weights
+    if family.default_weights is None:
+        raise VsrkitError(f"{family.title} has no default weights; pass --weights")
+    return family.default_weights
 
 
 def upscale(

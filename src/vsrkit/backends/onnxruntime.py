@@ -155,10 +155,8 @@ class OnnxRuntimeModel(VSRModel):
         self.providers = resolve_providers(providers)
         if not isinstance(model, VSRModel):
             raise VsrkitError(f"--backend onnxruntime runs vsrkit models, not {type(model).__name__}")
-        title = _title(model)
         # A float32 CPU copy to trace: the caller's model keeps its device, dtype and mode.
         self.source = copy.deepcopy(model).cpu().float().eval()
-        self.title = title
         self.arch, self.config = model.arch, dict(model.config)
         for name in (
             "scale",
@@ -195,6 +193,10 @@ class OnnxRuntimeModel(VSRModel):
         self._told = False
 
     # -- what the engine must know ------------------------------------------------------------
+    @property
+    def title(self) -> str:
+        return self.source.title
+
     def inference_memory(self, height: int, width: int, element_size: int = 4) -> InferenceMemory:
         return self.source.inference_memory(height, width, 4)
 
@@ -408,13 +410,3 @@ class OnnxRuntimeModel(VSRModel):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise VsrkitError(f"onnxruntime failed running {self.title}'s {name}: {first[:300]}") from None
         return torch.from_numpy(out)
-
-
-def _title(model: VSRModel) -> str:
-    """The family's display name (BasicVSR++), else the class name."""
-    from ..models.registry import get_family
-
-    try:
-        return get_family(model.arch).title
-    except (AttributeError, VsrkitError):
-        return type(model).__name__

@@ -76,13 +76,11 @@ def _load(arch: str | None, weights: str | None, config: dict):
     from .. import create_model
     from ..errors import VsrkitError
     from ..hub import get_weights
-    from ..upscale import model_family
+    from ..upscale import model_family, weights_or_default
 
     family = model_family(arch, weights)
     arch = family.name
-    name = weights if weights is not None else family.default_weights
-    if name is None:
-        raise VsrkitError(f"{family.title} has no default weights; pass --weights")
+    name = os.fspath(weights_or_default(family, weights))
     path, _ = get_weights(name)
     try:
         model = create_model(arch, checkpoint=name, **config)

@@ -135,6 +135,12 @@ class VSRModel(nn.Module):
     arch: str
     config: dict
 
+    @property
+    def title(self) -> str:
+        """The family's name as the papers write it (BasicVSR++), for messages; else the class name."""
+        family = getattr(type(self), "family", None)
+        return family.title if family is not None else type(self).__name__
+
     def inference_memory(self, height: int, width: int, element_size: int = 4) -> InferenceMemory:
         """Memory of streaming one (height, width) LR tile (see :class:`InferenceMemory`).
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..ops.fast_conv import FastConv2d
+from ..ops.fast_conv import FastConv2d, epilogue
 
 
 def is_exporting() -> bool:
@@ -37,14 +37,7 @@ def conv_act(
     """
     if isinstance(conv, FastConv2d):
         return conv.fused(x, act, slope, residual)
-    out = conv(x)
-    if residual is not None:
-        return residual + out
-    if act == "relu":
-        return F.relu(out)
-    if act == "leaky_relu":
-        return F.leaky_relu(out, slope)
-    return out
+    return epilogue(conv(x), act, slope, residual)
 
 
 class ResidualBlockNoBN(nn.Module):

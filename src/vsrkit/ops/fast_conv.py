@@ -80,6 +80,17 @@ def _version(t: Tensor | None) -> tuple[int, int] | None:
     return t._version, t.data_ptr()
 
 
+def epilogue(out: Tensor, act: str | None, slope: float = 0.1, residual: Tensor | None = None) -> Tensor:
+    """``residual + out``, or ``act(out)``: what a fused conv does after the convolution, unfused."""
+    if residual is not None:
+        return residual + out
+    if act == "relu":
+        return F.relu(out)
+    if act == "leaky_relu":
+        return F.leaky_relu(out, slope)
+    return out
+
+
 class FastConv2d(nn.Conv2d):
     """A 2-d convolution with the original conv's parameters, computed by a CPU fast path.
 
@@ -200,14 +211,7 @@ class FastConv2d(nn.Conv2d):
             if act == "leaky_relu":
                 return FUSED_CONV(x, weight, bias, *geometry, "leaky_relu", [slope], "")
             return FUSED_CONV(x, weight, bias, *geometry, act or "none", [], "")
-        out = self._plain(x, weight, bias)
-        if residual is not None:
-            return residual + out
-        if act == "relu":
-            return F.relu(out)
-        if act == "leaky_relu":
-            return F.leaky_relu(out, slope)
-        return out
+        return epilogue(self._plain(x, weight, bias), act, slope, residual)
 
     def act_shuffle2(self, x: Tensor, act: str | None = "leaky_relu", slope: float = 0.1) -> Tensor:
         """``F.pixel_shuffle(act(conv(x)), 2)``: through NNPACK the shuffle is done as it stores."""
